@@ -1,0 +1,37 @@
+"""loratrf: LoRA adapters and the task-aware filters of LoRATRF for any torch model.
+
+    import loratrf
+    config = loratrf.inject(model, targets=[r".*\\.value"], filters=[r"encoder\\.layer\\.\\d+"])
+"""
+
+from loratrf.adapter_file import adapter_state_dict, load_adapter, save_adapter
+from loratrf.config import InjectionConfig
+from loratrf.errors import AdapterFileError, FilterOutputError, InjectionError, LoRATRFError, MergeError
+from loratrf.filter import TaskAwareFilter
+from loratrf.surgery import inject
+from loratrf.lora import LoRALinear
+from loratrf.low_rank import LowRankTransform
+from loratrf.merging import merge, reset_adapters, unload, unmerge
+from loratrf.param_summary import Summary, summary
+
+__all__ = [
+    "AdapterFileError",
+    "FilterOutputError",
+    "InjectionConfig",
+    "InjectionError",
+    "LoRALinear",
+    "LoRATRFError",
+    "LowRankTransform",
+    "MergeError",
+    "Summary",
+    "TaskAwareFilter",
+    "adapter_state_dict",
+    "inject",
+    "load_adapter",
+    "merge",
+    "reset_adapters",
+    "save_adapter",
+    "summary",
+    "unload",
+    "unmerge",
+]

@@ -1,0 +1,23 @@
+"""loratrf's error types: every refusal names the problem and what would fix it."""
+
+from __future__ import annotations
+
+
+class LoRATRFError(Exception):
+    """Base class of every error loratrf raises on purpose."""
+
+
+class InjectionError(LoRATRFError, ValueError):
+    """A pattern, module or option that `inject` cannot honour."""
+
+
+class FilterOutputError(LoRATRFError, ValueError):
+    """A task-aware filter met a module output it cannot filter (another width, or no tensor)."""
+
+
+class MergeError(LoRATRFError, RuntimeError):
+    """A merge that would corrupt the base weights, or training through a merged layer."""
+
+
+class AdapterFileError(LoRATRFError, ValueError):
+    """An adapter file that is unreadable, from another model, or inconsistent."""

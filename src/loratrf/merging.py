@@ -1,0 +1,77 @@
+"""Folding adapters into base weights and taking them out again."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loratrf.filter import detach_filter
+from loratrf.surgery import parent_map, sync_fast_paths
+from loratrf.lora import LoRALinear, check_finite
+from loratrf.walk import named_filters, named_lora_layers, unwrap
+
+
+def merge(model: nn.Module, safe: bool = False) -> None:
+    """Fold every LoRA update into its base weight: `W0 <- W0 + scale · B A`.
+
+    Filters stay: they depend on the input and cannot be folded into a weight. With
+    `safe=True` every merged weight is checked first, and if any would hold NaN or Inf a
+    `MergeError` is raised with no weight changed.
+    """
+    layers = [layer for _, layer in named_lora_layers(model) if not layer.merged]
+    if safe:
+        with torch.no_grad():
+            for layer in layers:
+                check_finite(layer.merged_weight(+1), "merge")
+    for layer in layers:
+        layer.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    """Take every merged LoRA update out of its base weight again."""
+    for _, layer in named_lora_layers(model):
+        layer.unmerge()
+
+
+def reset_adapters(model: nn.Module) -> None:
+    """Re-initialise every adapter (after `to_empty`, say): the model equals its base again."""
+    for _, layer in named_lora_layers(model):
+        layer.reset_adapter()
+    for _, task_filter in named_filters(model):
+        task_filter.reset_parameters()
+
+
+def unload(model: nn.Module, merge: bool = True, keep_filters: bool = False) -> nn.Module:
+    """Give back plain torch modules: each LoRALinear becomes the module it wrapped.
+
+    With `merge=True` the base weights keep the folded updates, otherwise they are restored.
+    Filters are removed unless `keep_filters`. The same Parameter objects are kept throughout.
+    Returns `model`.
+    """
+    root = unwrap(model)
+    parents = parent_map(root)
+    for _, layer in list(named_lora_layers(root)):
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
+        plain = _plain_module(layer)
+        for parent, child_name in parents[id(layer)]:
+            parent._modules[child_name] = plain
+    if not keep_filters:
+        for host_name, _ in list(named_filters(root)):
+            detach_filter(root.get_submodule(host_name) if host_name else root)
+    sync_fast_paths(root)
+    return model
+
+
+def _plain_module(layer: LoRALinear) -> nn.Module:
+    """The wrapped module with the layer's current weight and bias, or a new nn.Linear."""
+    plain, weight = layer._base_module, layer.weight
+    if plain is None:
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        if layer.fan_in_fan_out:  # a [in, out] weight: nn.Linear takes its transposed view
+            weight = nn.Parameter(weight.detach().T, requires_grad=weight.requires_grad)
+    plain.weight, plain.bias = weight, layer.bias
+    plain.train(layer.training)
+    return plain

@@ -1,0 +1,21 @@
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# Deterministic by default so CI never flakes; `--hypothesis-profile=explore` searches afresh.
+settings.register_profile(
+    "default",
+    deadline=None,
+    derandomize=True,
+    max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "25")),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("explore", parent=settings.get_profile("default"), derandomize=False, max_examples=300)
+settings.load_profile("default")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,26 @@
+"""Independent reference formulas, written out from the paper, in float64."""
+
+import torch
+import torch.nn.functional as F
+
+
+def lora_reference(x, weight, bias, A, B, scale):
+    """LoRA (Hu et al., eq. 2): h = W0 x + (alpha/r) B A x, with W0 [out, in], A [r, in], B [out, r]."""
+    x, weight, A, B = (t.double() for t in (x, weight, A, B))
+    y = x @ weight.T + scale * (x @ A.T) @ B.T
+    return y if bias is None else y + bias.double()
+
+
+def filter_reference(h, t, U, V, scale, similarity="cosine"):
+    """The paper's eqs. (4)-(5) plus the residual: h~ = sim(h, t) h, h^ = h~ T, out = h + h^.
+
+    sim is the cosine (or dot) similarity clamped to [0, 1]; T = scale U V.
+    """
+    h, t, U, V = (x.double() for x in (h, t, U, V))
+    if similarity == "cosine":
+        sim = F.cosine_similarity(h, t.expand_as(h), dim=-1, eps=1e-8)
+    else:
+        sim = (h * t).sum(-1)
+    h_tilde = sim.clamp(0, 1)[..., None] * h
+    T = scale * U @ V
+    return h + h_tilde @ T

@@ -1,0 +1,112 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import loratrf
+from loratrf import LoRALinear, MergeError, TaskAwareFilter
+from models import FILTERS, TARGETS, Net, randomise_adapters
+
+ids = torch.randint(0, 20, (3, 6))
+
+
+def injected(seed=0, **options):
+    torch.manual_seed(seed)
+    model = Net(d=16)
+    base = Net(d=16)
+    base.load_state_dict(model.state_dict())
+    loratrf.inject(model, targets=TARGETS, filters=FILTERS, **options)
+    randomise_adapters(model)
+    return base, model
+
+
+def close_through_layers(a, b):
+    """float32 agreement after several layers: each layer rounds at 1e-7 relative, and
+    softmax, layer norm and filters amplify it, so 1e-4 relative to the output's size."""
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, b.abs().max().item()))
+
+
+@given(st.integers(0, 10_000), st.integers(1, 8), st.floats(1.0, 32.0))
+def test_model_merge_unmerge_round_trip(seed, rank, alpha):
+    base, model = injected(seed, rank=rank, alpha=alpha)
+    y = model(ids)
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(".weight")}
+    loratrf.merge(model)
+    assert all(m.merged for m in model.modules() if isinstance(m, LoRALinear))
+    close_through_layers(model(ids), y)
+    loratrf.unmerge(model)
+    close_through_layers(model(ids), y)
+    for n, p in model.named_parameters():
+        if n in w0:
+            torch.testing.assert_close(p, w0[n], rtol=1e-5, atol=1e-5)
+
+
+def test_merge_folds_each_update_into_its_weight():
+    base, model = injected()
+    loratrf.merge(model)
+    layer = model.layers[1].up
+    expected = base.layers[1].up.weight + layer.lora.scale * (layer.lora.U @ layer.lora.V).T
+    torch.testing.assert_close(layer.weight, expected)
+    assert layer.weight is model.layers[1].up.weight
+
+
+def test_safe_merge_changes_no_weight_when_any_would_break():
+    _, model = injected()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        model.layers[1].down.lora.V[0, 0] = float("inf")
+    with pytest.raises(MergeError):
+        loratrf.merge(model, safe=True)
+    for n, p in model.named_parameters():
+        if not n.endswith(".lora.V"):
+            assert torch.equal(p, weights[n]), n
+    assert not any(m.merged for m in model.modules() if isinstance(m, LoRALinear))
+
+
+def test_unload_with_merge_gives_plain_linears_with_the_same_parameters():
+    _, model = injected()
+    y = model(ids)
+    value = model.layers[0].value
+    weight = value.weight
+    plain = loratrf.unload(model, merge=True, keep_filters=True)
+    assert plain is model
+    assert type(model.layers[0].value) is nn.Linear and model.layers[0].value.weight is weight
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert any(isinstance(m, TaskAwareFilter) for m in model.modules())
+    close_through_layers(model(ids), y)
+    loratrf.unload(model, keep_filters=False)
+    assert not any(isinstance(m, TaskAwareFilter) for m in model.modules())
+    assert not any(model.layers[0]._forward_hooks.values())
+
+
+def test_unload_without_merge_restores_the_base_model_exactly():
+    base, model = injected()
+    original_value = model.layers[0].value._base_module
+    loratrf.unload(model, merge=False)
+    assert model.layers[0].value is original_value
+    assert list(model.state_dict()) == list(base.state_dict())
+    assert torch.equal(model(ids), base(ids))
+
+
+def test_unload_after_merge_then_merge_false_takes_the_update_out():
+    base, model = injected()
+    loratrf.merge(model)
+    loratrf.unload(model, merge=False)
+    close_through_layers(model(ids), base(ids))
+
+
+def test_reset_adapters_returns_to_the_base_model():
+    base, model = injected()
+    loratrf.merge(model)
+    loratrf.reset_adapters(model)
+    close_through_layers(model(ids), base(ids))
+
+
+def test_merged_model_in_eval_mode_runs_inference_with_filters():
+    _, model = injected()
+    model.eval()
+    y = model(ids)
+    loratrf.merge(model)
+    with torch.no_grad():
+        close_through_layers(model(ids), y)
