@@ -14,7 +14,7 @@ $(VENV)/.torch:
 	touch $@
 
 $(VENV)/.test: $(VENV)/.torch pyproject.toml
-	$(PIP) -e ".[test]"
+	$(PIP) -e ".[test,hf]"
 	touch $@
 
 test: $(VENV)/.test

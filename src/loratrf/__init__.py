@@ -4,6 +4,7 @@
     config = loratrf.inject(model, targets=[r".*\\.value"], filters=[r"encoder\\.layer\\.\\d+"])
 """
 
+from loratrf import presets
 from loratrf.adapter_file import adapter_state_dict, load_adapter, save_adapter
 from loratrf.config import InjectionConfig
 from loratrf.errors import AdapterFileError, FilterOutputError, InjectionError, LoRATRFError, MergeError
@@ -29,6 +30,7 @@ __all__ = [
     "inject",
     "load_adapter",
     "merge",
+    "presets",
     "reset_adapters",
     "save_adapter",
     "summary",
