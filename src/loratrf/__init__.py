@@ -6,6 +6,7 @@
 
 from loratrf import presets
 from loratrf.adapter_file import adapter_state_dict, load_adapter, save_adapter
+from loratrf.calibration import calibrate_filters
 from loratrf.config import InjectionConfig
 from loratrf.errors import AdapterFileError, FilterOutputError, InjectionError, LoRATRFError, MergeError
 from loratrf.filter import TaskAwareFilter
@@ -27,6 +28,7 @@ __all__ = [
     "Summary",
     "TaskAwareFilter",
     "adapter_state_dict",
+    "calibrate_filters",
     "inject",
     "load_adapter",
     "merge",
