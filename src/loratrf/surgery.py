@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import itertools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -276,7 +277,7 @@ def infer_width(name: str, module: nn.Module) -> int:
 
 def _placement(host: nn.Module, model: nn.Module) -> tuple[torch.device, torch.dtype]:
     """Device and dtype of `host`'s parameters, else of the model's, else the defaults."""
-    for p in (*host.parameters(), *model.parameters()):
+    for p in itertools.chain(host.parameters(), model.parameters()):  # stops at the first
         if p.is_floating_point():
             return p.device, p.dtype
     return torch.device("cpu"), torch.get_default_dtype()
