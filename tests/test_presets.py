@@ -1,12 +1,15 @@
 """Presets on the real architectures they name: each pattern reaches exactly the intended
 modules of every layer, and the paper's parameter budgets on DeBERTa-v3-base and LLaMA-7B."""
 
+import pathlib
+import re
+
 import pytest
 import torch
 
 import loratrf
 from hf_architectures import LAYERS, deberta_v3, encoder_config, gpt2, llama, t5, transformers
-from loratrf import presets
+from loratrf import InjectionConfig, presets
 from loratrf.walk import named_filters, named_lora_layers
 
 # The modules of layer {i} that hold each of the paper's matrices, written out by hand.
@@ -210,3 +213,18 @@ def test_llama_7b_budgets():
     assert loratrf_.lora == layers * (lora_params(r, d, d) + lora_params(r, d, ffn) + lora_params(r, ffn, d)) == 39_321_600
     assert loratrf_.filter == layers * filter_params(r, d) == 8_519_680
     assert loratrf_.trainable == 47_841_280
+
+
+DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "models.md"
+SNIPPET = re.compile(r'^loratrf\.inject\(model, targets=\[r"([^"]+)"\], filters=\[r"([^"]+)"\]\)  # = (presets\.preset\([^)]*\))$', re.M)
+BUILDERS = {"bert": bert_for_classification, "deberta": deberta_v3, "llama": llama, "gpt2": gpt2, "t5": t5_v1_1}
+
+
+def test_the_copy_pasteable_patterns_in_the_docs_inject_what_their_presets_inject():
+    snippets = SNIPPET.findall(DOCS.read_text())
+    assert len(snippets) == len(BUILDERS)
+    for targets, filters, expression in snippets:
+        config = eval(expression, {"presets": presets})
+        build = BUILDERS[expression.split('"')[1]]
+        written = injected_names(build, InjectionConfig(targets=[targets], filters=[filters]))
+        assert written == injected_names(build, config), expression
