@@ -99,7 +99,10 @@ def test_merge_gives_the_same_outputs_and_unmerge_restores_the_weights(arch):
     expected = run(arch, model)
     loratrf.merge(model)
     for name, layer in named_lora_layers(model):
-        torch.testing.assert_close(layer.weight, weights[f"{name}.weight"] + layer.delta_weight(torch.float32))
+        A, B = layer.lora.U.T, layer.lora.V.T  # A [r, in], B [out, r]
+        update = 8.0 / 4 * B @ A  # alpha / r · B A, laid out [out, in]; Conv1D stores [in, out]
+        expected_weight = weights[f"{name}.weight"] + (update.T if arch.name == "gpt2" else update)
+        torch.testing.assert_close(layer.weight, expected_weight)
     torch.testing.assert_close(run(arch, model), expected, rtol=1e-4, atol=1e-5)
     loratrf.unmerge(model)
     for n, p in model.named_parameters():
