@@ -15,6 +15,10 @@ settings.register_profile(
 settings.register_profile("explore", parent=settings.get_profile("default"), derandomize=False, max_examples=300)
 settings.load_profile("default")
 
+# The tests use small tensors, where extra threads only add synchronisation; on a shared
+# 2-core machine they made the suite many times slower.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -100,6 +100,14 @@ def preset(
     unknown = [m for m in matrices if m not in arch.matrices]
     if unknown:
         raise ValueError(f"{architecture} has no matrices {unknown}; it has {sorted(arch.matrices)}")
+    for module in {arch.matrices[m] for m in matrices}:
+        fused = [m for m, pattern in arch.matrices.items() if pattern == module]
+        if not set(fused) <= set(matrices):
+            name = module.replace("\\", "")
+            raise ValueError(
+                f"{architecture} computes {', '.join(fused)} with one module ({name}), so an adapter there "
+                f"updates all of them; choose all of {fused} or none"
+            )
     modules = "|".join(dict.fromkeys(arch.matrices[m] for m in matrices))
     targets = (rf"{arch.layer}\.(?:{modules})",) if matrices else ()
     return InjectionConfig(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import itertools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -22,10 +23,12 @@ SUPPORTED_TARGETS = "nn.Linear (or a subclass that keeps nn.Linear.forward) and 
 # adapter or filter on such a child would never run, and so would train nothing.
 BYPASSING_PARENTS: dict[type[nn.Module], str] = {
     nn.MultiheadAttention: (
-        "nn.MultiheadAttention passes out_proj.weight straight to F.multi_head_attention_forward "
-        "and never calls out_proj, so an adapter or filter there would never run. Adapt the "
-        "feed-forward layers instead (linear1/linear2 of nn.TransformerEncoderLayer), or filter "
-        "the attention module's or the layer's output"
+        "nn.MultiheadAttention keeps its q, k, v projections in a packed Parameter (in_proj_weight), "
+        "not in Linear modules, and passes it and out_proj.weight straight to "
+        "F.multi_head_attention_forward and never calls out_proj, so an adapter or filter on its "
+        "projections would never run. Adapt the feed-forward layers instead (linear1/linear2 of "
+        "nn.TransformerEncoderLayer or nn.TransformerDecoderLayer), or filter the attention module's "
+        "or the layer's output"
     ),
 }
 
@@ -164,7 +167,7 @@ def match_patterns(kind: str, patterns: Sequence[str], candidates: Mapping[str, 
         regex = re.compile(pattern)
         hits = [name for name in names if regex.fullmatch(name)]
         if not hits:
-            raise InjectionError(no_match_message(kind, pattern, names))
+            raise InjectionError(no_match_message(kind, pattern, names) + bypassed_parameter_hint(regex, candidates))
         matched.update(dict.fromkeys(hits))
     return [name for name in names if name in matched]
 
@@ -186,6 +189,16 @@ def no_match_message(kind: str, pattern: str, names: Sequence[str]) -> str:
     return message
 
 
+def bypassed_parameter_hint(regex: re.Pattern, candidates: Mapping[str, nn.Module]) -> str:
+    """Why a pattern aimed at a weight that a bypassing module holds directly cannot work."""
+    for name, module in candidates.items():
+        why = bypass_reason(module)
+        for param_name in module._parameters if why else ():  # with those registered as None
+            if regex.search(f"{name}.{param_name}"):
+                return f". {name}.{param_name} is a parameter, not a module: {why}"
+    return ""
+
+
 def parent_map(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     """`id(child) -> [(parent, name), ...]` over every place a module is registered."""
     parents: dict[int, list[tuple[nn.Module, str]]] = {}
@@ -196,11 +209,15 @@ def parent_map(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return parents
 
 
+def bypass_reason(module: nn.Module) -> str | None:
+    """Why `module` is in BYPASSING_PARENTS, or None."""
+    return next((why for cls, why in BYPASSING_PARENTS.items() if isinstance(module, cls)), None)
+
+
 def bypass_problem(name: str, module: nn.Module, parents: Mapping[int, list[tuple[nn.Module, str]]]) -> str | None:
     for parent, _ in parents.get(id(module), []):
-        for bypassing, why in BYPASSING_PARENTS.items():
-            if isinstance(parent, bypassing):
-                return f"{name!r}: {why}"
+        if why := bypass_reason(parent):
+            return f"{name!r}: {why}"
     return None
 
 
@@ -212,6 +229,8 @@ def target_problem(name: str, candidates: Mapping[str, nn.Module], parents) -> s
     kind = type(module).__name__
     if isinstance(module, LoRALinear):
         return f"{name!r} already has a LoRA adapter; inject once per module (loratrf.unload removes adapters)"
+    if why := bypass_reason(module):
+        return f"{name!r} is a {kind}: {why}"
     if not (is_conv1d(module) or isinstance(module, nn.Linear)):
         return f"{name!r} is a {kind}; LoRA targets must be {SUPPORTED_TARGETS}"
     if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward:
@@ -258,7 +277,7 @@ def infer_width(name: str, module: nn.Module) -> int:
 
 def _placement(host: nn.Module, model: nn.Module) -> tuple[torch.device, torch.dtype]:
     """Device and dtype of `host`'s parameters, else of the model's, else the defaults."""
-    for p in (*host.parameters(), *model.parameters()):
+    for p in itertools.chain(host.parameters(), model.parameters()):  # stops at the first
         if p.is_floating_point():
             return p.device, p.dtype
     return torch.device("cpu"), torch.get_default_dtype()
