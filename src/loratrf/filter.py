@@ -91,7 +91,10 @@ class TaskAwareFilter(nn.Module):
                 f"the filtered module's output width is {h.shape[-1]}, so inject with "
                 f"filter_dim={h.shape[-1]} (or filter a module whose output has width {self.dim})"
             )
-        return self.transform(h, gate=self.relevance(h), residual=h)
+        # The output is a fresh tensor, never a view of one: FSDP2 hooks a sharded block's output,
+        # and an in-place op on a view there drops the hook and breaks the backward.
+        out = h.clone(memory_format=torch.contiguous_format)
+        return self.transform(h, gate=self.relevance(h), residual=out, inplace=True)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, similarity={self.similarity!r}, task_init={self.task_init!r}"
