@@ -73,6 +73,9 @@ def inject(
         trainable=trainable,
         adapter_dtype=adapter_dtype,
     )
+    problem = engine_problem(model)
+    if problem:
+        raise InjectionError(f"cannot inject: {problem}")
     model = unwrap(model)
     candidates = named_candidates(model)
     dtype = config.torch_adapter_dtype()
@@ -134,6 +137,23 @@ def apply_plan(
         attach_filter(host, TaskAwareFilter(**options, device=device, dtype=dtype))
     sync_fast_paths(model)
     freeze_base(model, trainable_params)
+
+
+def engine_problem(model: nn.Module) -> str | None:
+    """Why adapters added to `model` now would escape its distributed engine, or None."""
+    if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in (model, getattr(model, "_orig_mod", None))):
+        return (
+            "the model is wrapped in DistributedDataParallel, which synchronises only the parameters "
+            "it saw when it was built, so new adapters would train apart on each rank; inject (or "
+            "load_adapter) first, then wrap the model"
+        )
+    if any(hasattr(p, "device_mesh") for p in unwrap(model).parameters()):
+        return (
+            "the model's parameters are sharded DTensors (FSDP2's fully_shard or tensor parallelism), "
+            "which shard and synchronise only the parameters present when applied; inject (or "
+            "load_adapter) first, then call fully_shard"
+        )
+    return None
 
 
 def named_candidates(model: nn.Module) -> dict[str, nn.Module]:
