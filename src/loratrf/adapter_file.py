@@ -80,6 +80,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         "sha256": tensors_digest(tensors),
     }
     path = Path(path)
+    if not path.parent.is_dir():
+        raise AdapterFileError(f"cannot write {path}: the folder {path.parent} does not exist; create it first")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -100,8 +102,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     another format, or whose modules, keys or shapes do not fit this model raises
     `AdapterFileError` naming them, and leaves the model untouched.
     """
-    metadata, tensors = read_adapter_file(path)
     root = unwrap(model)
+    metadata, tensors = read_adapter_file(path)
     candidates = named_candidates(root)
     lora, filters, trainable = metadata["lora"], metadata["filters"], metadata["trainable"]
 

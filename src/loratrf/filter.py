@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from loratrf.base_checkpoints import keep_absent_adapter_tensors
-from loratrf.errors import FilterOutputError
+from loratrf.errors import FilterOutputError, InjectionError
 from loratrf.lora import LOW_PRECISION
 from loratrf.low_rank import Init, LowRankTransform
 
@@ -52,9 +52,9 @@ class TaskAwareFilter(nn.Module):
     ) -> None:
         super().__init__()
         if similarity not in SIMILARITIES:
-            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+            raise InjectionError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
         if task_init not in TASK_INITS:
-            raise ValueError(f"task_init must be one of {TASK_INITS}, got {task_init!r}")
+            raise InjectionError(f"task_init must be one of {TASK_INITS}, got {task_init!r}")
         self.dim, self.similarity, self.task_init, self.eps = dim, similarity, task_init, eps
         self.task_vector = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))
         self.transform = LowRankTransform(dim, dim, rank, alpha, init=init, device=device, dtype=dtype)
