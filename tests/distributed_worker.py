@@ -85,12 +85,13 @@ def refusal(call):
     return None
 
 
-def ddp_run(rank):
+def ddp_run(rank, out):
     model = injected_model()
     ddp = DistributedDataParallel(model)  # find_unused_parameters=False: an unused adapter would raise
     train(ddp, rank, WORLD)
     return {
         "adapter": {k: v.clone() for k, v in loratrf.adapter_state_dict(ddp).items()},
+        "writes": count_saves(lambda: loratrf.save_adapter(ddp, out / "ddp_adapter.pt")),  # every rank calls it
         "inject_into_ddp": refusal(lambda: loratrf.inject(ddp, targets=[r"layers\.0\.query"])),
     }
 
@@ -146,7 +147,7 @@ def run(rank, port, out):
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=60))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
-        results = {"ddp": ddp_run(rank), "fsdp": fsdp_run(rank, out)}
+        results = {"ddp": ddp_run(rank, out), "fsdp": fsdp_run(rank, out)}
     finally:
         dist.destroy_process_group()
     torch.save(results, out / f"rank{rank}.pt")

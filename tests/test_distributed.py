@@ -59,6 +59,15 @@ def test_ddp_adapters_are_identical_across_ranks_and_match_one_process(ranks, si
     assert all(not torch.equal(first[name], initial[name]) for name in initial)  # every tensor trained
 
 
+def test_ddp_adapter_is_saved_once_from_the_wrapper(ranks, single_process):
+    out, results = ranks
+    assert [r["ddp"]["writes"] for r in results] == [1, 0]  # every rank called save_adapter; rank 0 wrote
+    model = base_model()
+    loratrf.load_adapter(model, out / "ddp_adapter.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(probe_ids), single_process(probe_ids), rtol=1e-5, atol=1e-6)
+
+
 def test_fsdp2_shards_the_model_and_matches_one_process(ranks, single_process):
     _, results = ranks
     for r in results:
