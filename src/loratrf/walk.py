@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from torch import nn
 
 from loratrf.errors import InjectionError
-
 from loratrf.filter import FILTER_NAME, TaskAwareFilter
 from loratrf.lora import LoRALinear
 
