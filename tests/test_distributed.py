@@ -132,7 +132,8 @@ def test_the_documented_script_runs_under_torchrun(tmp_path):
     launch costs seconds; DDP is covered by the spawned ranks above)."""
     script = re.search(r"```python\n(# train_adapter\.py.*?)```", DOCS.read_text(), re.S).group(1)
     (tmp_path / "train_adapter.py").write_text(script)
-    argv = re.search(r"torchrun (--nproc-per-node 2 train_adapter\.py --engine fsdp)", DOCS.read_text()).group(1).split()
+    command = re.search(r"torchrun (--nproc-per-node 2 train_adapter\.py --engine fsdp)", DOCS.read_text())
+    argv = command.group(1).split()
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", *argv, "--out", "adapter.pt"]
     done = subprocess.run(launch, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -173,8 +173,8 @@ def test_loading_over_a_different_filter_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda meta: meta["filters"].update({"layers.7": meta["filters"]["layers.0"]}), r"filter host 'layers\.7' \(no such module\)"),
-        (lambda meta: meta["trainable"].append("head.scale"), r"trainable parameter 'head\.scale' \(no such parameter\)"),
+        (lambda meta: meta["filters"].update({"layers.7": meta["filters"]["layers.0"]}), r"filter host 'layers\.7'"),
+        (lambda meta: meta["trainable"].append("head.scale"), r"trainable parameter 'head\.scale' \(no such"),
         (lambda meta: meta["lora"]["layers.0.up"].update(dtype="int8"), "names an unknown dtype 'int8'"),
     ],
 )
@@ -242,7 +242,8 @@ def test_every_refusal_is_a_loratrf_error_and_a_builtin_one():
     """Callers can catch loratrf's errors as a group, or as the builtin kind each one is."""
     assert issubclass(InjectionError, ValueError) and issubclass(AdapterFileError, ValueError)
     assert issubclass(loratrf.MergeError, RuntimeError) and issubclass(loratrf.FilterOutputError, ValueError)
-    assert all(issubclass(e, LoRATRFError) for e in (InjectionError, AdapterFileError, loratrf.MergeError, loratrf.FilterOutputError))
+    errors = (InjectionError, AdapterFileError, loratrf.MergeError, loratrf.FilterOutputError)
+    assert all(issubclass(e, LoRATRFError) for e in errors)
 
 
 def test_every_test_docs_errors_md_names_exists():

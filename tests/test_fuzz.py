@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import loratrf
-from loratrf import FilterOutputError, LoRALinear, LoRATRFError, TaskAwareFilter
+from loratrf import FilterOutputError, LoRALinear, LoRATRFError, LowRankTransform, TaskAwareFilter
 from loratrf.filter import filter_of
 
 D = 4
@@ -206,7 +206,7 @@ def snapshot(model):
     """Everything a refused call must leave as it was."""
     return (
         [(name, id(m), len(m._forward_hooks)) for name, m in model.named_modules(remove_duplicate=False)],
-        [(name, id(p), p.requires_grad, p.detach().clone()) for name, p in model.named_parameters(remove_duplicate=False)],
+        [(n, id(p), p.requires_grad, p.detach().clone()) for n, p in model.named_parameters(remove_duplicate=False)],
     )
 
 
@@ -238,9 +238,9 @@ def test_random_trees_and_patterns_never_crash_and_never_half_change(tree, data)
     names = all_names(model)
     linears = [n for n in names if type(model.get_submodule(n)) is nn.Linear]
     sizes = data.draw(st.sampled_from([(1, 0), (0, 1), (1, 1), (2, 1), (1, 2), (0, 0)]), label="sizes")
-    targets = data.draw(st.lists(pattern_strategy(names, linears), min_size=sizes[0], max_size=sizes[0]), label="targets")
     hosts = [n for n in names if holds_linear(model.get_submodule(n))]
-    filters = data.draw(st.lists(pattern_strategy(names, hosts), min_size=sizes[1], max_size=sizes[1]), label="filters")
+    targets = data.draw(st.lists(pattern_strategy(names, linears), min_size=sizes[0], max_size=sizes[0]), label="t")
+    filters = data.draw(st.lists(pattern_strategy(names, hosts), min_size=sizes[1], max_size=sizes[1]), label="f")
     trainable = data.draw(st.lists(pattern_strategy(names, names), max_size=1), label="trainable")
     filter_dim = data.draw(st.sampled_from([None, None, None, 2, D, 6]), label="filter_dim")
     rank = data.draw(st.sampled_from([1, 2, 2, 2, 2, 2, 2, 0]), label="rank")
@@ -251,7 +251,9 @@ def test_random_trees_and_patterns_never_crash_and_never_half_change(tree, data)
     base_modules = list(model.named_modules(remove_duplicate=False))
     why = expected_refusal(model, targets, filters, trainable, filter_dim, rank)
     event(f"inject: {why or 'done'}")
-    call = lambda: loratrf.inject(model, targets, filters, rank=rank, filter_dim=filter_dim, trainable=trainable)  # noqa: E731
+    def call():
+        loratrf.inject(model, targets, filters, rank=rank, filter_dim=filter_dim, trainable=trainable)
+
     assert refuses(call, model) == (why is not None), why
     if why is not None:
         assert torch.equal(model(x), y0)
@@ -263,11 +265,13 @@ def test_random_trees_and_patterns_never_crash_and_never_half_change(tree, data)
     modules = dict(model.named_modules(remove_duplicate=False))
     target_ids = {id(before[n]) for n in matches(targets, names)}
     host_ids = {id(before[n]) for n in matches(filters, names)}
-    assert {n for n in names if isinstance(modules.get(n), LoRALinear)} == {n for n in names if id(before[n]) in target_ids}
+    lora_names = {n for n in names if isinstance(modules[n], LoRALinear)}
+    assert lora_names == {n for n in names if id(before[n]) in target_ids}
     assert {n for n in names if filter_of(modules[n]) is not None} == {n for n in names if id(before[n]) in host_ids}
     assert sum(isinstance(m, TaskAwareFilter) for m in model.modules()) == len(host_ids)
     host_names = matches(filters, names)
-    adapters = [m.lora if isinstance(m, LoRALinear) else m for m in model.modules() if isinstance(m, (LoRALinear, TaskAwareFilter))]
+    adapters = [m.lora if isinstance(m, LoRALinear) else m for m in model.modules()]
+    adapters = [m for m in adapters if isinstance(m, (LowRankTransform, TaskAwareFilter))]
     trainable_ids = {id(p) for m in adapters for p in m.parameters()}
     trainable_ids |= {id(p) for name in matches(trainable, names) for p in modules[name].parameters()}
     assert {id(p) for p in model.parameters() if p.requires_grad} == trainable_ids
