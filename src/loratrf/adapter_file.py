@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from loratrf.errors import AdapterFileError
+from loratrf.errors import AdapterFileError, InjectionError
 from loratrf.filter import FILTER_NAME, TaskAwareFilter, filter_of
-from loratrf.surgery import apply_plan, named_candidates
+from loratrf.surgery import apply_plan, engine_problem, named_candidates
 from loratrf.lora import LoRALinear, is_conv1d
 from loratrf.walk import named_adapter_parameters, named_filters, named_lora_layers, unwrap
 
@@ -31,12 +31,16 @@ VERSION = 1
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The adapter tensors and the trainable base parameters, keyed as in `model.state_dict()`."""
-    tensors = {name: p.detach() for name, p in named_adapter_parameters(model)}
+    """The adapter tensors and the trainable base parameters, keyed as in `model.state_dict()`.
+
+    Sharded parameters (DTensors, as under FSDP2's `fully_shard`) are gathered to full
+    tensors, a collective: every rank must call this.
+    """
+    params = dict(named_adapter_parameters(model))
     for name, p in unwrap(model).named_parameters():
-        if p.requires_grad and name not in tensors:
-            tensors[name] = p.detach()
-    return tensors
+        if p.requires_grad and name not in params:
+            params[name] = p
+    return {name: _full_tensor(p.detach()) for name, p in params.items()}
 
 
 def adapter_metadata(model: nn.Module) -> dict[str, Any]:
@@ -45,12 +49,17 @@ def adapter_metadata(model: nn.Module) -> dict[str, Any]:
     return {
         "lora": {name: _lora_options(layer) for name, layer in named_lora_layers(model)},
         "filters": {host: _filter_options(f) for host, f in named_filters(model)},
-        "trainable": [name for name in adapter_state_dict(model) if name not in adapter_names],
+        "trainable": [n for n, p in unwrap(model).named_parameters() if p.requires_grad and n not in adapter_names],
     }
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the adapter of `model` to `path` atomically (a temporary file, then a rename)."""
+    """Write the adapter of `model` to `path` atomically (a temporary file, then a rename).
+
+    Under `torch.distributed` only rank 0 writes. A sharded (FSDP2) model's adapter is
+    gathered first, so there every rank must call this; a DDP model's may be saved by rank 0
+    alone.
+    """
     if next(named_adapter_parameters(model), None) is None:
         raise AdapterFileError("the model holds no adapter to save; call loratrf.inject first")
     tensors = adapter_state_dict(model)
@@ -60,6 +69,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
             f"adapter tensors are on the meta device (e.g. {on_meta[0]!r}) and hold no values; "
             "materialise the model (to_empty + loading weights) before saving"
         )
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
     tensors = {name: t.cpu().contiguous() for name, t in tensors.items()}
     payload = {
         "format": FORMAT,
@@ -69,6 +80,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         "sha256": tensors_digest(tensors),
     }
     path = Path(path)
+    if not path.parent.is_dir():
+        raise AdapterFileError(f"cannot write {path}: the folder {path.parent} does not exist; create it first")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -89,8 +102,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     another format, or whose modules, keys or shapes do not fit this model raises
     `AdapterFileError` naming them, and leaves the model untouched.
     """
-    metadata, tensors = read_adapter_file(path)
     root = unwrap(model)
+    metadata, tensors = read_adapter_file(path)
     candidates = named_candidates(root)
     lora, filters, trainable = metadata["lora"], metadata["filters"], metadata["trainable"]
 
@@ -112,11 +125,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> None:
 
     new_lora = {n: _lora_kwargs(o) for n, o in lora.items() if not isinstance(candidates[n], LoRALinear)}
     new_filters = {h: _filter_kwargs(o) for h, o in filters.items() if filter_of(_module(root, h)) is None}
+    if (new_lora or new_filters) and (problem := engine_problem(model)):
+        raise InjectionError(f"cannot load the adapter into this model: {problem}")
     apply_plan(root, new_lora, new_filters, trainable)
     params = dict(root.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for key, tensor in tensors.items():
-            params[key].copy_(tensor)
+            _copy_full_tensor(params[key], tensor)
 
 
 def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -159,6 +174,21 @@ def tensors_digest(tensors: Mapping[str, Tensor]) -> str:
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def _full_tensor(t: Tensor) -> Tensor:
+    """`t`, or the whole of a sharded DTensor (gathered from every rank)."""
+    full_tensor = getattr(t, "full_tensor", None)  # DTensor's; duck-typed for builds without torch.distributed
+    return full_tensor() if full_tensor is not None else t
+
+
+def _copy_full_tensor(param: Tensor, full: Tensor) -> None:
+    """`param.copy_(full)`, where a sharded DTensor `param` takes only this rank's part of `full`."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        full = distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    param.copy_(full)
 
 
 def _module(root: nn.Module, name: str) -> nn.Module:

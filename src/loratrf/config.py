@@ -53,7 +53,11 @@ class InjectionConfig:
             patterns = getattr(self, name)
             if isinstance(patterns, str):
                 patterns = (patterns,)
-            object.__setattr__(self, name, tuple(patterns))
+            try:
+                patterns = tuple(patterns)
+            except TypeError:
+                raise InjectionError(f"{name} must be a list of regex strings, got {patterns!r}") from None
+            object.__setattr__(self, name, patterns)
             for pattern in getattr(self, name):
                 _check_pattern(name, pattern)
         if not self.targets and not self.filters:

@@ -8,7 +8,7 @@ class LoRATRFError(Exception):
 
 
 class InjectionError(LoRATRFError, ValueError):
-    """A pattern, module or option that `inject` cannot honour."""
+    """A pattern, module or option that `inject` (or a preset, or a module's constructor) cannot honour."""
 
 
 class FilterOutputError(LoRATRFError, ValueError):

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from loratrf.base_checkpoints import keep_absent_adapter_tensors
-from loratrf.errors import FilterOutputError
+from loratrf.errors import FilterOutputError, InjectionError
 from loratrf.lora import LOW_PRECISION
 from loratrf.low_rank import Init, LowRankTransform
 
@@ -52,9 +52,9 @@ class TaskAwareFilter(nn.Module):
     ) -> None:
         super().__init__()
         if similarity not in SIMILARITIES:
-            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+            raise InjectionError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
         if task_init not in TASK_INITS:
-            raise ValueError(f"task_init must be one of {TASK_INITS}, got {task_init!r}")
+            raise InjectionError(f"task_init must be one of {TASK_INITS}, got {task_init!r}")
         self.dim, self.similarity, self.task_init, self.eps = dim, similarity, task_init, eps
         self.task_vector = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))
         self.transform = LowRankTransform(dim, dim, rank, alpha, init=init, device=device, dtype=dtype)
@@ -91,7 +91,10 @@ class TaskAwareFilter(nn.Module):
                 f"the filtered module's output width is {h.shape[-1]}, so inject with "
                 f"filter_dim={h.shape[-1]} (or filter a module whose output has width {self.dim})"
             )
-        return self.transform(h, gate=self.relevance(h), residual=h)
+        # The output is a fresh tensor, never a view of one: FSDP2 hooks a sharded block's output,
+        # and an in-place op on a view there drops the hook and breaks the backward.
+        out = h.clone(memory_format=torch.contiguous_format)
+        return self.transform(h, gate=self.relevance(h), residual=out, inplace=True)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, similarity={self.similarity!r}, task_init={self.task_init!r}"

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loratrf.base_checkpoints import keep_absent_adapter_tensors
-from loratrf.errors import MergeError
+from loratrf.errors import InjectionError, MergeError
 from loratrf.low_rank import Init, LowRankTransform
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -66,7 +66,7 @@ class LoRALinear(nn.Module):
     ) -> None:
         super().__init__()
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+            raise InjectionError(f"dropout must be in [0, 1), got {dropout!r}")
         self.in_features, self.out_features = in_features, out_features
         self.fan_in_fan_out = fan_in_fan_out
         self.dropout = float(dropout)

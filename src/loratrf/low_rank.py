@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from loratrf.errors import InjectionError
+
 Init = Literal["kaiming", "gaussian"]
 INITS: tuple[str, ...] = ("kaiming", "gaussian")
 
@@ -43,9 +45,9 @@ class LowRankTransform(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+            raise InjectionError(f"rank must be an integer >= 1, got {rank!r}")
         if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+            raise InjectionError(f"init must be one of {INITS}, got {init!r}")
         self.d_in, self.d_out, self.rank = d_in, d_out, rank
         self.alpha, self.init, self.rslora = float(alpha), init, rslora
         self.scale = lora_scale(rank, alpha, rslora)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loratrf.filter import detach_filter
+from loratrf.filter import attach_filter, detach_filter, filter_of
 from loratrf.surgery import parent_map, sync_fast_paths
 from loratrf.lora import LoRALinear, check_finite
 from loratrf.walk import named_filters, named_lora_layers, unwrap
@@ -56,6 +56,10 @@ def unload(model: nn.Module, merge: bool = True, keep_filters: bool = False) -> 
         else:
             layer.unmerge()
         plain = _plain_module(layer)
+        task_filter = filter_of(layer)
+        if task_filter is not None:  # a filter on the layer's output stays on the plain module's
+            detach_filter(layer)
+            attach_filter(plain, task_filter)
         for parent, child_name in parents[id(layer)]:
             parent._modules[child_name] = plain
     if not keep_filters:

@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 from loratrf.config import InjectionConfig
+from loratrf.errors import InjectionError
 
 MATRICES = ("q", "k", "v", "o", "f1", "f2")
 
@@ -95,24 +96,23 @@ def preset(
     """LoRA on `matrices` of every layer of `architecture`, plus a filter on each layer's
     output when `filters`; other `options` are `InjectionConfig`'s (e.g. `trainable`)."""
     if architecture not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {architecture!r}; known: {sorted(ARCHITECTURES)}")
+        raise InjectionError(f"unknown architecture {architecture!r}; known: {sorted(ARCHITECTURES)}")
     arch = ARCHITECTURES[architecture]
     unknown = [m for m in matrices if m not in arch.matrices]
     if unknown:
-        raise ValueError(f"{architecture} has no matrices {unknown}; it has {sorted(arch.matrices)}")
+        raise InjectionError(f"{architecture} has no matrices {unknown}; it has {sorted(arch.matrices)}")
     for module in {arch.matrices[m] for m in matrices}:
         fused = [m for m, pattern in arch.matrices.items() if pattern == module]
         if not set(fused) <= set(matrices):
             name = module.replace("\\", "")
-            raise ValueError(
+            raise InjectionError(
                 f"{architecture} computes {', '.join(fused)} with one module ({name}), so an adapter there "
                 f"updates all of them; choose all of {fused} or none"
             )
     modules = "|".join(dict.fromkeys(arch.matrices[m] for m in matrices))
     targets = (rf"{arch.layer}\.(?:{modules})",) if matrices else ()
-    return InjectionConfig(
-        targets=targets, filters=(arch.layer,) if filters else (), rank=rank, alpha=alpha, **options
-    )
+    filters = (arch.layer,) if filters else ()
+    return InjectionConfig.from_dict(dict(targets=targets, filters=filters, rank=rank, alpha=alpha, **options))
 
 
 # The paper's DeBERTa-v3 setup (Table 1): LoRA r=8 on W_v, W_f1, W_f2, a filter on each layer.

@@ -76,6 +76,9 @@ def inject(
         trainable=trainable,
         adapter_dtype=adapter_dtype,
     )
+    problem = engine_problem(model)
+    if problem:
+        raise InjectionError(f"cannot inject: {problem}")
     model = unwrap(model)
     candidates = named_candidates(model)
     dtype = config.torch_adapter_dtype()
@@ -110,9 +113,13 @@ def apply_plan(
     parents = parent_map(model)
     problems = [p for name in lora if (p := target_problem(name, candidates, parents))]
     problems += [p for name in filters if (p := filter_problem(name, candidates, parents))]
-    for name in trainable_modules:
-        inside = [t for t in lora if t == name or t.startswith(name + ".")]
-        inside += [n for n, m in candidates[name].named_modules(prefix=name) if isinstance(m, LoRALinear)]
+    targets = {id(candidates[name]) for name in lora if name in candidates}
+    for name in trainable_modules:  # by identity: a shared module may be listed under another name
+        inside = [
+            n
+            for n, m in candidates[name].named_modules(prefix=name, remove_duplicate=False)
+            if id(m) in targets or isinstance(m, LoRALinear)
+        ]
         if inside:
             problems.append(
                 f"trainable module {name!r} holds LoRA layer {inside[0]!r}, whose base weight must stay "
@@ -121,22 +128,43 @@ def apply_plan(
     if problems:
         raise InjectionError("cannot inject:\n- " + "\n- ".join(dict.fromkeys(problems)))
 
-    replaced: set[int] = set()
+    replacements: dict[int, LoRALinear] = {}
     for name, options in lora.items():
         module = candidates[name]
-        if id(module) not in replaced:
-            replaced.add(id(module))
-            new = LoRALinear.from_linear(module, **options)
+        if id(module) not in replacements:
+            new = replacements[id(module)] = LoRALinear.from_linear(module, **options)
             for parent, child_name in parents[id(module)]:
                 parent._modules[child_name] = new
+    hosts: set[int] = set()  # a module registered under several names gets one filter
     for name, options in filters.items():
         host = candidates[name]
+        host = replacements.get(id(host), host)  # a LoRA target's filter goes on its LoRALinear
+        if id(host) in hosts:
+            continue
+        hosts.add(id(host))
         device, host_dtype = _placement(host, model)
         options = dict(options)
         dtype = options.pop("dtype", None) or default_adapter_dtype(host_dtype)
         attach_filter(host, TaskAwareFilter(**options, device=device, dtype=dtype))
     sync_fast_paths(model)
     freeze_base(model, trainable_params)
+
+
+def engine_problem(model: nn.Module) -> str | None:
+    """Why adapters added to `model` now would escape its distributed engine, or None."""
+    if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in (model, getattr(model, "_orig_mod", None))):
+        return (
+            "the model is wrapped in DistributedDataParallel, which synchronises only the parameters "
+            "it saw when it was built, so new adapters would train apart on each rank; inject (or "
+            "load_adapter) first, then wrap the model"
+        )
+    if any(hasattr(p, "device_mesh") for p in unwrap(model).parameters()):
+        return (
+            "the model's parameters are sharded DTensors (FSDP2's fully_shard or tensor parallelism), "
+            "which shard and synchronise only the parameters present when applied; inject (or "
+            "load_adapter) first, then call fully_shard"
+        )
+    return None
 
 
 def named_candidates(model: nn.Module) -> dict[str, nn.Module]:

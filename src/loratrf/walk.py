@@ -6,12 +6,15 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from loratrf.errors import InjectionError
 from loratrf.filter import FILTER_NAME, TaskAwareFilter
 from loratrf.lora import LoRALinear
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's model inside `torch.compile` and (Distributed)DataParallel wrappers."""
+    if not isinstance(model, nn.Module):
+        raise InjectionError(f"expected the model, a torch.nn.Module; got {type(model).__name__}")
     while True:
         if isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod

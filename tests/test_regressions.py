@@ -1,0 +1,69 @@
+"""Bugs the random-tree test (test_fuzz.py) found, each pinned by a small deterministic case."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import loratrf
+from loratrf import InjectionError, LoRALinear, TaskAwareFilter
+from loratrf.filter import filter_of
+from models import randomise_adapters
+
+x = torch.randn(3, 4)
+
+
+def count_filters(model):
+    return sum(isinstance(m, TaskAwareFilter) for m in model.modules())
+
+
+def test_a_lora_target_can_also_have_its_output_filtered(tmp_path):
+    """The filter used to be attached to the replaced nn.Linear, which left the model: no filter
+    ran, silently."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    base = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    base.load_state_dict(model.state_dict())
+    loratrf.inject(model, targets=["0"], filters=["0"])
+    layer = model[0]
+    assert isinstance(layer, LoRALinear) and filter_of(layer) is not None
+    randomise_adapters(model)
+    expected = torch.relu(layer.task_filter(layer.forward(x)))  # forward: without the hook
+    y = model(x)
+    torch.testing.assert_close(y, expected)
+    loratrf.save_adapter(model, tmp_path / "a.pt")
+    loratrf.load_adapter(base, tmp_path / "a.pt")
+    assert torch.equal(base(x), y)
+    loratrf.unload(model, merge=True, keep_filters=True)  # the filter moves to the plain nn.Linear
+    assert type(model[0]) is nn.Linear and filter_of(model[0]) is not None
+    torch.testing.assert_close(model(x), y)
+    loratrf.unload(model, keep_filters=False)
+    assert count_filters(model) == 0
+
+
+def test_a_shared_host_matched_under_two_names_gets_one_filter():
+    """It used to get two forward hooks, so its output was filtered twice."""
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    loratrf.inject(model, filters=["0|2"])
+    assert count_filters(model) == 1 and len(shared._forward_hooks) == 1
+    randomise_adapters(model)
+    f, W, b = shared.task_filter, shared.weight, shared.bias
+    once = f(F.linear(x, W, b))
+    torch.testing.assert_close(model(x), f(F.linear(torch.relu(once), W, b)))  # filtered once per call
+
+
+def test_a_shared_module_cannot_be_trainable_under_one_name_and_a_target_under_another():
+    """Its base weight used to become trainable beside its adapter."""
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    with pytest.raises(InjectionError, match="either trainable or a LoRA target"):
+        loratrf.inject(model, targets=["0"], trainable=["2"])
+    assert type(model[0]) is nn.Linear and shared.weight.requires_grad
+
+
+@pytest.mark.parametrize("value", [None, 3])
+def test_pattern_lists_that_are_not_lists_are_injection_errors(value):
+    """`targets=None` used to raise a bare TypeError from `tuple(None)`."""
+    with pytest.raises(InjectionError, match="targets must be a list of regex strings"):
+        loratrf.inject(nn.Sequential(nn.Linear(4, 4)), targets=value, filters=["0"])
