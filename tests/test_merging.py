@@ -110,3 +110,17 @@ def test_merged_model_in_eval_mode_runs_inference_with_filters():
     loratrf.merge(model)
     with torch.no_grad():
         close_through_layers(model(ids), y)
+
+
+def test_merge_and_unload_check_by_default_and_change_nothing_on_failure():
+    _, model = injected()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        model.layers[1].up.lora.U[0, 0] = float("nan")
+    for call in (lambda: loratrf.merge(model), lambda: loratrf.unload(model), lambda: model.layers[1].up.merge()):
+        with pytest.raises(MergeError):
+            call()
+        assert all(torch.equal(p, weights[n]) or n.endswith("lora.U") for n, p in model.named_parameters())
+        assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 6
+    loratrf.merge(model, safe=False)  # the unchecked merge writes what it computes
+    assert torch.isnan(model.layers[1].up.weight).any()

@@ -160,10 +160,11 @@ class LoRALinear(nn.Module):
         return self.weight.to(dtype).add(self.delta_weight(dtype), alpha=sign).to(self.weight.dtype)
 
     @torch.no_grad()
-    def merge(self, safe: bool = False) -> None:
+    def merge(self, safe: bool = True) -> None:
         """`W0 <- W0 + scale · B A`; a second call does nothing.
 
-        With `safe=True` a non-finite result raises `MergeError` and leaves `W0` untouched.
+        With `safe` (the default) a non-finite result raises `MergeError` and leaves `W0`
+        untouched; `safe=False` skips that check.
         """
         if self.merged:
             return

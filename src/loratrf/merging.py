@@ -11,20 +11,25 @@ from loratrf.lora import LoRALinear, check_finite
 from loratrf.walk import named_filters, named_lora_layers, unwrap
 
 
-def merge(model: nn.Module, safe: bool = False) -> None:
+def merge(model: nn.Module, safe: bool = True) -> None:
     """Fold every LoRA update into its base weight: `W0 <- W0 + scale · B A`.
 
-    Filters stay: they depend on the input and cannot be folded into a weight. With
-    `safe=True` every merged weight is checked first, and if any would hold NaN or Inf a
-    `MergeError` is raised with no weight changed.
+    Filters stay: they depend on the input and cannot be folded into a weight. With `safe`
+    (the default) every merged weight is checked first, and if any would hold NaN or Inf a
+    `MergeError` is raised with no weight changed; `safe=False` skips that pass over the weights.
     """
-    layers = [layer for _, layer in named_lora_layers(model) if not layer.merged]
+    merge_layers([layer for _, layer in named_lora_layers(model)], safe)
+
+
+def merge_layers(layers: list[LoRALinear], safe: bool) -> None:
+    """Merge `layers`; with `safe`, all of them or, if any would write NaN/Inf, none."""
+    layers = [layer for layer in layers if not layer.merged]
     if safe:
         with torch.no_grad():
             for layer in layers:
                 check_finite(layer.merged_weight(+1), "merge")
     for layer in layers:
-        layer.merge()
+        layer.merge(safe=False)
 
 
 def unmerge(model: nn.Module) -> None:
@@ -41,20 +46,21 @@ def reset_adapters(model: nn.Module) -> None:
         task_filter.reset_parameters()
 
 
-def unload(model: nn.Module, merge: bool = True, keep_filters: bool = False) -> nn.Module:
+def unload(model: nn.Module, merge: bool = True, keep_filters: bool = False, safe: bool = True) -> nn.Module:
     """Give back plain torch modules: each LoRALinear becomes the module it wrapped.
 
-    With `merge=True` the base weights keep the folded updates, otherwise they are restored.
-    Filters are removed unless `keep_filters`. The same Parameter objects are kept throughout.
-    Returns `model`.
+    With `merge=True` the base weights keep the folded updates (checked as `merge(safe=...)`
+    checks them, before anything changes), otherwise they are restored. Filters are removed
+    unless `keep_filters`. The same Parameter objects are kept throughout. Returns `model`.
     """
     root = unwrap(model)
     parents = parent_map(root)
-    for _, layer in list(named_lora_layers(root)):
-        if merge:
-            layer.merge()
-        else:
-            layer.unmerge()
+    layers = [layer for _, layer in named_lora_layers(root)]
+    if merge:
+        merge_layers(layers, safe)
+    else:
+        unmerge(root)
+    for layer in layers:
         plain = _plain_module(layer)
         task_filter = filter_of(layer)
         if task_filter is not None:  # a filter on the layer's output stays on the plain module's
