@@ -1,0 +1,209 @@
+"""Hand-written forward and backward passes for LoRA and the task-aware filter (float32/64).
+
+Autograd over the plain formulas spends most of an adapter's time on memory traffic, not
+arithmetic: each rank-`r` product re-reads an `[N, d]` tensor, adding the update to the
+output (or to the input's gradient) is one more read and write of it, and some layouts of
+the skinny products run several times slower than others. These Functions
+
+- save only the input plus `[N, r]`-sized tensors for backward, never an `[N, d]` one;
+- compute each rank-`r` product once, in the layouts that run fastest (`[r, d]` row-major
+  factors: `F.linear(x, A)` rather than `x @ U`, `(gzᵀ x)ᵀ` rather than `xᵀ gz`);
+- for LoRA, fold the update into an effective weight `W0 + scale · B A` for the two large
+  products (forward and the input's gradient) when forming it is cheaper than one more pass
+  over the activations (`fuse_effective_weight`);
+- for the filter, get `h U` and `h · t` from one product `h [U | t]` and `|h|` from one
+  reduction.
+
+Both compute the same functions as the plain formulas (tested against them and by
+`gradcheck` in float64). The modules take these paths only for float32/float64 tensors of
+one dtype, outside autocast and without dropout; everything else runs the plain formulas.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FAST_DTYPES = (torch.float32, torch.float64)
+
+# Fold `scale · B A` into the weight when `N · (d_in + d_out) >= FUSE_RATIO · d_in · d_out`,
+# i.e. when the activations are larger than the weight by this factor. Forming the
+# effective weight costs about one pass over `d_in · d_out` and `2 r` multiply-adds per entry;
+# it replaces a read-modify-write pass over the `[N, d_out]` output (and over the
+# `[N, d_in]` input gradient). Measured crossover on 2-thread CPUs: see docs/benchmarks.md.
+FUSE_RATIO = 2.0
+
+
+def fast_path_applies(*tensors: Tensor | None) -> bool:
+    """True when all tensors share one float32/float64 dtype and autocast is off."""
+    present = [t for t in tensors if t is not None]
+    dtype = present[0].dtype
+    if dtype not in FAST_DTYPES or any(t.dtype != dtype for t in present):
+        return False
+    device = present[0].device.type
+    return not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device))
+
+
+def fuse_effective_weight(n_rows: int, d_in: int, d_out: int) -> bool:
+    """Whether `W0 + scale · B A` is cheaper to form than an extra pass over the activations."""
+    return n_rows * (d_in + d_out) >= FUSE_RATIO * d_in * d_out
+
+
+def _linear(x2: Tensor, weight: Tensor, bias: Tensor | None, fan_in_fan_out: bool) -> Tensor:
+    """`x2 Wᵀ + b` for `W [out, in]`, or `x2 W + b` for `W [in, out]` (`fan_in_fan_out`)."""
+    if not fan_in_fan_out:
+        return F.linear(x2, weight, bias)
+    return x2 @ weight if bias is None else torch.addmm(bias, x2, weight)
+
+
+def _effective_weight(weight: Tensor, U: Tensor, V: Tensor, A: Tensor, scale: float, fan_in_fan_out: bool) -> Tensor:
+    """`W0 + scale · (U V)ᵀ` in `weight`'s layout (`U V` itself when `fan_in_fan_out`)."""
+    if fan_in_fan_out:
+        return torch.addmm(weight, U, V, alpha=scale)
+    return torch.addmm(weight, V.T.contiguous(), A, alpha=scale)
+
+
+def _input_grad(g2: Tensor, weight: Tensor, fan_in_fan_out: bool) -> Tensor:
+    """`g W` for `W [out, in]`, `g Wᵀ` for `W [in, out]`."""
+    return g2 @ weight.T if fan_in_fan_out else g2 @ weight
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """`y = x W0ᵀ + b + scale · (x U) V`, with `W0`, `b` constant (no gradient).
+
+    Saves `x`, the parameters and `z = x U [N, r]`; the effective weight, when fused, is
+    formed again in backward rather than kept (it is weight-sized).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, U, V, scale: float, fan_in_fan_out: bool, fuse: bool):
+        x2 = x.reshape(-1, x.shape[-1])
+        A = U.T.contiguous()  # [r, in]
+        z = F.linear(x2, A)  # [N, r]
+        if fuse:
+            y = _linear(x2, _effective_weight(weight, U, V, A, scale, fan_in_fan_out), bias, fan_in_fan_out)
+        else:
+            y = _linear(x2, weight, bias, fan_in_fan_out)
+            y.addmm_(z, V, alpha=scale)
+        ctx.save_for_backward(x2, weight, U, V, A, z)
+        ctx.scale, ctx.fan_in_fan_out, ctx.fuse, ctx.x_shape = scale, fan_in_fan_out, fuse, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, weight, U, V, A, z = ctx.saved_tensors
+        scale, needs = ctx.scale, ctx.needs_input_grad
+        g2 = g.reshape(-1, g.shape[-1])
+        gz = F.linear(g2, V).mul_(scale)  # scale · g Vᵀ [N, r]
+        grad_x = grad_U = grad_V = None
+        if needs[0]:
+            if ctx.fuse:
+                w = _effective_weight(weight, U, V, A, scale, ctx.fan_in_fan_out)
+                grad_x = _input_grad(g2, w, ctx.fan_in_fan_out)
+            else:
+                grad_x = _input_grad(g2, weight, ctx.fan_in_fan_out).addmm_(gz, A)
+            grad_x = grad_x.view(ctx.x_shape)
+        if needs[3]:
+            grad_U = (gz.T @ x2).T  # [in, r], computed as (gzᵀ x)ᵀ: the fast layout
+        if needs[4]:
+            grad_V = (z.T * scale) @ g2
+        return grad_x, None, None, grad_U, grad_V, None, None, None
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    U: Tensor,
+    V: Tensor,
+    scale: float,
+    fan_in_fan_out: bool = False,
+    fuse: bool | None = None,
+) -> Tensor:
+    """`x W0ᵀ + b + scale · (x U) V` through `LoRALinearFunction` (`fuse=None`: by cost).
+
+    Shapes: `x [..., in]`, `weight [out, in]` (`[in, out]` with `fan_in_fan_out`), `U [in, r]`,
+    `V [r, out]`. Without gradients to compute it runs the forward alone and saves nothing.
+    """
+    d_in, d_out = U.shape[0], V.shape[1]
+    if fuse is None:
+        fuse = fuse_effective_weight(x.numel() // max(d_in, 1), d_in, d_out)
+    if torch.is_grad_enabled() and (x.requires_grad or U.requires_grad or V.requires_grad):
+        return LoRALinearFunction.apply(x, weight, bias, U, V, scale, fan_in_fan_out, fuse)
+    x2 = x.reshape(-1, d_in)
+    A = U.T.contiguous()
+    if fuse:
+        y = _linear(x2, _effective_weight(weight, U, V, A, scale, fan_in_fan_out), bias, fan_in_fan_out)
+    else:
+        y = _linear(x2, weight, bias, fan_in_fan_out).addmm_(F.linear(x2, A), V, alpha=scale)
+    return y.view(*x.shape[:-1], d_out)
+
+
+class TaskFilterFunction(torch.autograd.Function):
+    """`out = h + scale · (s ⊙ (h U)) V`, `s = clamp(q, 0, 1)` with `q = h·t / max(|h| |t|, eps)`
+    (`cosine`) or `q = h·t` (dot).
+
+    One product `P = h [U | t]` gives `h U` and `h·t`; `|h|` is one reduction. Saves `h` and
+    the `[N, r + 2]` tensors `P`, `|h|`; everything else is recomputed from them.
+    """
+
+    @staticmethod
+    def forward(ctx, h, t, U, V, scale: float, cosine: bool, eps: float):
+        d, r = U.shape
+        h2 = h.reshape(-1, d)
+        M = torch.cat([U.T, t.unsqueeze(0)])  # [r + 1, d]
+        P = F.linear(h2, M)  # [N, r + 1]: h U | h·t
+        n = torch.linalg.vector_norm(h2, dim=-1) if cosine else P.new_empty(0)
+        s = _relevance(P[:, r], n, t, cosine, eps)[0].clamp(0.0, 1.0)
+        out = torch.addmm(h2, P[:, :r] * s.unsqueeze(-1), V, alpha=scale)
+        ctx.save_for_backward(h2, t, M, V, P, n)
+        ctx.scale, ctx.cosine, ctx.eps, ctx.h_shape = scale, cosine, eps, h.shape
+        return out.view(h.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        h2, t, M, V, P, n = ctx.saved_tensors
+        scale, cosine, needs = ctx.scale, ctx.cosine, ctx.needs_input_grad
+        r = M.shape[0] - 1
+        g2 = g.reshape(-1, g.shape[-1])
+        a, c = P[:, :r], P[:, r]
+        q, denom, t_norm = _relevance(c, n, t, cosine, ctx.eps)
+        s = q.clamp(0.0, 1.0)
+        gz = F.linear(g2, V).mul_(scale)  # scale · g Vᵀ [N, r]
+        grad_V = ((a * s.unsqueeze(-1)).T * scale) @ g2 if needs[3] else None
+        gq = (gz * a).sum(-1) * ((q >= 0) & (q <= 1))  # through clamp(q, 0, 1)
+        # d out / d P: the rank-r part (ga = s gz) and the h·t part (gc)
+        gP = torch.cat([gz * s.unsqueeze(-1), (gq / denom if cosine else gq).unsqueeze(-1)], dim=-1)
+        grad_h = grad_t = grad_U = None
+        if cosine:
+            # q = c / max(|h| |t|, eps): the denominator's gradient, where it is not clamped
+            g_denom = torch.where(n * t_norm >= ctx.eps, -gq * q / denom, 0.0)
+        if needs[0]:
+            grad_h = torch.addmm(g2, gP, M)
+            if cosine:  # through |h|: h · g_denom |t| / |h|
+                grad_h.addcmul_(h2, torch.where(n > 0, g_denom * t_norm / n, 0.0).unsqueeze(-1))
+            grad_h = grad_h.view(ctx.h_shape)
+        if needs[1] or needs[2]:
+            hP = gP.T @ h2  # [r + 1, d]: (h U)'s and (h·t)'s gradients pulled back to U and t
+            grad_U = hP[:r].T if needs[2] else None
+            if needs[1]:
+                grad_t = hP[r]
+                if cosine:  # through |t|
+                    grad_t = grad_t + t * torch.where(t_norm > 0, (g_denom * n).sum() / t_norm, 0.0)
+        return grad_h, grad_t, grad_U, grad_V, None, None, None
+
+
+def _relevance(c: Tensor, n: Tensor, t: Tensor, cosine: bool, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The unclamped relevance `q`, its denominator and `|t|` from `c = h·t` and `n = |h|`."""
+    if not cosine:
+        return c, c, c
+    t_norm = torch.linalg.vector_norm(t)
+    denom = (n * t_norm).clamp_min(eps)
+    return c / denom, denom, t_norm
+
+
+def task_filter(h: Tensor, t: Tensor, U: Tensor, V: Tensor, scale: float, cosine: bool, eps: float) -> Tensor:
+    """The filter `h + scale · (s ⊙ (h U)) V` through `TaskFilterFunction`. Shapes: `h [..., d]`,
+    `t [d]`, `U [d, r]`, `V [r, d]`."""
+    return TaskFilterFunction.apply(h, t, U, V, scale, cosine, eps)
