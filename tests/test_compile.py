@@ -40,7 +40,8 @@ def test_compiled_model_matches_eager(model, merged, training):
     ids = torch.randint(0, 20, (3, 5))
     want = model(ids)
     got = compiled(model, "aot_eager")(ids)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # float32 through different kernels (compiled graphs use F.linear where eager uses oneDNN)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     if not training:
         return
     if merged:  # the refusal survives compilation, and happens at backward time
@@ -52,7 +53,7 @@ def test_compiled_model_matches_eager(model, merged, training):
     model.zero_grad()
     got.sum().backward()
     for name, grad in adapter_grads(model).items():
-        torch.testing.assert_close(grad, eager[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(grad, eager[name], rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_inductor_compiles_the_unmerged_model_for_inference(model):

@@ -1,5 +1,7 @@
 """The hand-written forward/backward passes (loratrf.fused) against the plain formulas."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,15 @@ from torch import nn
 
 from allocations import count_allocations_of_at_least
 from loratrf import LoRALinear, TaskAwareFilter
-from loratrf.fused import LoRALinearFunction, TaskFilterFunction, fuse_effective_weight, lora_linear, task_filter
+from loratrf.fused import (
+    LoRALinearFunction,
+    TaskFilterFunction,
+    add_low_rank,
+    fuse_effective_weight,
+    lora_linear,
+    small_mm,
+    task_filter,
+)
 from reference import filter_reference, lora_reference
 
 f64 = dict(dtype=torch.float64)
@@ -82,19 +92,43 @@ def backward_name(y):
     return type(y.grad_fn).__name__
 
 
+@contextlib.contextmanager
+def kernels(onednn):
+    """float32 rank-r products through oneDNN (where this build has it) or through F.linear."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = onednn
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_small_products_equal_matmul_for_every_layout_used(onednn):
+    x, z, V = torch.randn(64, 24), torch.randn(64, 5), torch.randn(5, 24)
+    with kernels(onednn):
+        torch.testing.assert_close(small_mm(x, V), x @ V.T)  # x Vᵀ
+        torch.testing.assert_close(small_mm(z.T, x.T), z.T @ x)  # zᵀ x, both transposed views
+        torch.testing.assert_close(small_mm(x, V.T.contiguous().T), x @ V.T)
+        torch.testing.assert_close(add_low_rank(x, z, V, 0.5), x + 0.5 * z @ V)
+
+
+@pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("rows", [3, 512])  # below and above the effective-weight threshold
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
-def test_float32_layer_takes_the_fast_path_and_equals_the_plain_formula(rows, fan_in_fan_out):
+def test_float32_layer_takes_the_fast_path_and_equals_the_plain_formula(rows, fan_in_fan_out, onednn):
     layer = trained_layer(48, 40, fan_in_fan_out=fan_in_fan_out)
     assert fuse_effective_weight(rows, 48, 40) == (rows == 512)
     x = torch.randn(rows, 48, requires_grad=True)
-    y = layer(x)
+    g = torch.randn(rows, 40)
+    params = (x, layer.lora.U, layer.lora.V)
+    with kernels(onednn):
+        y = layer(x)
+        got = torch.autograd.grad(y, params, g)
     assert backward_name(y) == "LoRALinearFunctionBackward"
     want = plain_lora(layer, x)
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(y)
-    params = (x, layer.lora.U, layer.lora.V)
-    for a, e in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(want, params, g)):
+    for a, e in zip(got, torch.autograd.grad(want, params, g)):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
 
 
@@ -213,18 +247,21 @@ def trained_filter(dim, rank=8, dtype=torch.float32, **options):
     return f
 
 
+@pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("similarity", ["cosine", "dot"])
-def test_float32_filter_takes_the_fast_path_and_equals_the_plain_formula(similarity):
+def test_float32_filter_takes_the_fast_path_and_equals_the_plain_formula(similarity, onednn):
     f = trained_filter(64, similarity=similarity)
     h = torch.randn(4, 16, 64) + 2 * torch.randn(4, 16, 1) * f.task_vector.detach() * 8
     h.requires_grad_()
-    out = f(h)
+    g = torch.randn_like(h)
+    params = (h, f.task_vector, f.transform.U, f.transform.V)
+    with kernels(onednn):
+        out = f(h)
+        got = torch.autograd.grad(out, params, g)
     assert backward_name(out) == "TaskFilterFunctionBackward"
     plain = f.transform(h, gate=f.relevance(h), residual=h)  # the module's plain formula
     torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(out)
-    params = (h, f.task_vector, f.transform.U, f.transform.V)
-    for a, e in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(plain, params, g)):
+    for a, e in zip(got, torch.autograd.grad(plain, params, g)):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
 
 
