@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import cases
-from timing import Timing, interleaved
+from timing import Timing, interleaved, keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +37,8 @@ class Shape:
     encoder_layers: int = 4
     encoder_seq: int = 128
     rounds: int = 15
+    clock: str = "wall"
+    malloc: str = "keep"  # "keep": glibc keeps freed memory (see timing.keep_freed_memory)
 
 
 QUICK = Shape(lora_dims=(48,), batch=2, lora_seq=16, filter_dim=48, ffn=96, filter_seqs=(8,), encoder_layers=2, encoder_seq=8, rounds=3)
@@ -73,9 +75,9 @@ def lora_tables(shape: Shape) -> list[Table]:
         layers = cases.lora_layers(base, shape.rank)
         case = f"x=[{shape.batch},{shape.lora_seq},{d}], {d}->{d}, r={shape.rank}"
         steps = {name: cases.forward_backward(m, x, grad, m.parameters()) for name, m in layers.items()}
-        add_rows(fb, case, interleaved(steps, fb.baseline, shape.rounds), cases.lora_flop_limit(d, d, shape.rank, True))
+        add_rows(fb, case, interleaved(steps, fb.baseline, shape.rounds, clock=shape.clock), cases.lora_flop_limit(d, d, shape.rank, True))
         steps = {name: cases.forward_only(m, x) for name, m in layers.items()}
-        add_rows(fwd, case, interleaved(steps, fwd.baseline, shape.rounds), cases.lora_flop_limit(d, d, shape.rank, False))
+        add_rows(fwd, case, interleaved(steps, fwd.baseline, shape.rounds, clock=shape.clock), cases.lora_flop_limit(d, d, shape.rank, False))
         for name, m in layers.items():
             params = tuple(m.parameters())
             nbytes = cases.saved_bytes(lambda m=m: m(x), exclude=params)
@@ -83,7 +85,7 @@ def lora_tables(shape: Shape) -> list[Table]:
         for m in layers.values():
             cases.merge_layer(m)
         steps = {name: cases.forward_only(m, x) for name, m in layers.items() if "plain" not in name}
-        add_rows(merged, case, interleaved(steps, merged.baseline, shape.rounds), 1.0)
+        add_rows(merged, case, interleaved(steps, merged.baseline, shape.rounds, clock=shape.clock), 1.0)
     return [fb, fwd, merged, saved]
 
 
@@ -104,7 +106,7 @@ def filter_tables(shape: Shape) -> list[Table]:
         steps = {layer_name: cases.forward_backward(layer, x, grad, layer.parameters())}
         steps |= {name: cases.forward_backward(fn, h, grad, f.parameters()) for name, fn in variants.items()}
         limit = 100 * cases.filter_flops(tokens, d, shape.rank) / cases.encoder_layer_flops(tokens, seq, d, shape.ffn)
-        add_rows(cost, case, interleaved(steps, layer_name, shape.rounds), limit)
+        add_rows(cost, case, interleaved(steps, layer_name, shape.rounds, clock=shape.clock), limit)
         for name, fn in variants.items():
             nbytes = cases.saved_bytes(lambda fn=fn: fn(h), exclude=tuple(f.parameters()))
             saved.rows.append(Row(case, name, value=nbytes / h.untyped_storage().nbytes()))
@@ -120,7 +122,7 @@ def encoder_table(shape: Shape) -> Table:
     tokens = shape.batch * seq
     step_flops = n * 2 * cases.encoder_layer_flops(tokens, seq, d, shape.ffn) / 3  # frozen base: backward = forward
     limit = 1 + n * cases.filter_flops(tokens, d, shape.rank) / step_flops
-    add_rows(table, f"x=[{shape.batch},{seq},{d}], {n} layers", interleaved(steps, table.baseline, shape.rounds), limit)
+    add_rows(table, f"x=[{shape.batch},{seq},{d}], {n} layers", interleaved(steps, table.baseline, shape.rounds, clock=shape.clock), limit)
     return table
 
 
@@ -140,7 +142,10 @@ METHOD = """\
   divided by the baseline's time in the same round**, so a slow phase of a shared machine
   lands on all methods alike. `p25–p75` is the interquartile range of those per-round ratios;
   `time` is the method's own median wall time.
-- **Threads.** `torch.set_num_threads({threads})`, float32, CPU.
+- **Threads and clock.** `torch.set_num_threads({threads})`, {clock} time, float32, CPU. (With
+  `--clock cpu` the process's CPU time is counted instead of wall time; with one thread it
+  leaves out the time spent waiting for a core on a busy machine.)
+- **Memory allocator.** {malloc}
 - **Same work for everyone.** All LoRA layers wrap copies of one frozen `nn.Linear`; adapter
   factors are non-zero (as after training). Forward + backward means `layer(x).backward(g)`
   with `x.requires_grad=True` (so the input's gradient is computed, as inside a network) and
@@ -160,6 +165,20 @@ METHOD = """\
   (r={rank}) on every `linear1`/`linear2` via `loratrf.inject`, AdamW over the trainable
   parameters, loss `mean(out²)`; with filters, one `TaskAwareFilter` on every layer's output.
 """
+
+MALLOC = {
+    "keep": (
+        "glibc's malloc is told to keep freed memory for reuse (`mallopt`: no `mmap` for large "
+        "blocks, no trimming), as jemalloc or tcmalloc would, for every method alike. Otherwise "
+        "a fresh large tensor is page-faulted in anew whenever glibc's trim heuristics release "
+        "it: on these VMs that costs ~1.5-3 µs per 4 KiB page (80% of an elementwise op on a "
+        "32 MiB tensor) and makes timings bimodal. `--malloc default` measures without it."
+    ),
+    "default": (
+        "glibc's default malloc: tensors of 32 MiB and more, and others whenever glibc trims "
+        "its heap, are page-faulted in anew on each allocation, and that time is included."
+    ),
+}
 
 DESIGN = """\
 ## Why loratrf is fast here
@@ -252,7 +271,7 @@ def goals(tables: dict[str, Table]) -> list[str]:
     return lines + [""]
 
 
-def environment(threads: int) -> str:
+def environment(threads: int, clock: str, malloc: str) -> str:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -264,13 +283,13 @@ def environment(threads: int) -> str:
     libs = ", ".join(f"{p} {cases.version(p)}" if cases.installed(p) else f"{p} not installed" for p in ("peft", "loralib"))
     return (
         f"Generated by `make bench` on {datetime.date.today().isoformat()}: {cpu}, "
-        f"{threads} threads, torch {torch.__version__}, Python {platform.python_version()}, {libs}."
+        f"{threads} threads, {clock} time, {malloc} malloc, torch {torch.__version__}, Python {platform.python_version()}, {libs}."
     )
 
 
 def write_report(tables: list[Table], shape: Shape, threads: int, out: Path, plot: Path | None, notes: str) -> None:
     by_key = {t.key: t for t in tables}
-    lines = ["# Benchmarks", "", environment(threads), ""]
+    lines = ["# Benchmarks", "", environment(threads, shape.clock, shape.malloc), ""]
     if notes:
         lines += [notes, ""]
     lines += goals(by_key)
@@ -281,7 +300,8 @@ def write_report(tables: list[Table], shape: Shape, threads: int, out: Path, plo
     lines += ["## Results", ""]
     for table in tables:
         lines += render_table(table)
-    lines += [METHOD.format(threads=threads, d=shape.filter_dim, ffn=shape.ffn, rank=shape.rank), DESIGN]
+    malloc = MALLOC[shape.malloc]
+    lines += [METHOD.format(threads=threads, clock=shape.clock, malloc=malloc, d=shape.filter_dim, ffn=shape.ffn, rank=shape.rank), DESIGN]
     out.write_text("\n".join(lines))
 
 
@@ -332,13 +352,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes and 3 rounds: checks that everything runs")
     parser.add_argument("--rounds", type=int, help="timed rounds per shape (default 15)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: process CPU time (use with --threads 1 on a busy machine)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "benchmarks.png")
+    parser.add_argument("--malloc", choices=["keep", "default"], default="keep", help="keep: glibc keeps freed memory (no fresh page faults)")
     parser.add_argument("--notes", default="", help="a paragraph to put at the top of the report")
     args = parser.parse_args(argv)
     shape = QUICK if args.quick else Shape()
     if args.rounds:
         shape.rounds = args.rounds
+    shape.clock = args.clock
+    shape.malloc = "keep" if args.malloc == "keep" and keep_freed_memory() else "default"
     torch.set_num_threads(args.threads)
     tables = []
     for part in (lora_tables, filter_tables):

@@ -3,6 +3,8 @@ hit all methods alike, and each method's time is compared with the baseline's in
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import statistics
 import time
@@ -42,12 +44,20 @@ def quartiles(values) -> tuple[float, float]:
     return q[0], q[2]
 
 
-def interleaved(methods: dict[str, Callable[[], object]], baseline: str, rounds: int, warmup: int = 2) -> dict[str, Timing]:
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def interleaved(
+    methods: dict[str, Callable[[], object]], baseline: str, rounds: int, warmup: int = 2, clock: str = "wall"
+) -> dict[str, Timing]:
     """Time each method `rounds` times after `warmup` calls, in rounds whose order rotates.
 
-    Garbage collection is off while timing. Returns a `Timing` per method, ratios against
-    `baseline` (whose own ratios are all 1).
+    `clock="cpu"` counts this process's CPU time instead of wall time: with one thread on a
+    busy machine it leaves out the time the process waits for a core. Garbage collection is off
+    while timing. Returns a `Timing` per method, ratios against `baseline` (whose own ratios
+    are all 1).
     """
+    now = CLOCKS[clock]
     names = list(methods)
     for name in names:
         for _ in range(warmup):
@@ -58,9 +68,9 @@ def interleaved(methods: dict[str, Callable[[], object]], baseline: str, rounds:
     try:
         for r in range(rounds):
             for name in names[r % len(names):] + names[: r % len(names)]:
-                start = time.perf_counter()
+                start = now()
                 methods[name]()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(now() - start)
     finally:
         gc.enable()
     base = times[baseline]
@@ -68,3 +78,21 @@ def interleaved(methods: dict[str, Callable[[], object]], baseline: str, rounds:
         name: Timing(tuple(ts), tuple(t / b for t, b in zip(ts, base)))
         for name, ts in times.items()
     }
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS
+    (no `mmap` for large blocks, no trimming), as caching allocators such as jemalloc or
+    tcmalloc do. Otherwise every fresh large tensor is page-faulted in anew, whenever glibc's
+    trim heuristics happen to release it: on these VMs ~1.5-3 µs per 4 KiB page, 80% of an
+    elementwise op on a 32 MiB tensor, and timings turn bimodal. Returns whether it applied
+    (False off glibc)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))

@@ -14,7 +14,7 @@ import run  # noqa: E402
 @pytest.mark.filterwarnings("ignore")
 def test_quick_run_writes_every_table_and_the_goals(tmp_path):
     out, plot = tmp_path / "bench.md", tmp_path / "bench.png"
-    run.main(["--quick", "--rounds", "1", "--out", str(out), "--plot", str(plot)])
+    run.main(["--quick", "--rounds", "1", "--malloc", "default", "--out", str(out), "--plot", str(plot)])
     report = out.read_text()
     for title in (
         "LoRALinear unmerged, forward + backward",

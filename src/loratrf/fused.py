@@ -1,9 +1,10 @@
 """Hand-written forward and backward passes for LoRA and the task-aware filter (float32/64).
 
-Autograd over the plain formulas spends most of an adapter's time on memory traffic, not
-arithmetic: each rank-`r` product re-reads an `[N, d]` tensor, adding the update to the
-output (or to the input's gradient) is one more read and write of it, and some layouts of
-the skinny products run several times slower than others. These Functions
+Under autograd the plain formulas spend most of an adapter's time outside its arithmetic:
+each rank-`r` product is a skinny matrix product that re-reads an `[N, d]` tensor (and MKL's
+`sgemm` runs these shapes far below its peak), adding the update to the output or to the
+input's gradient is one more read and write of it, and autograd keeps or builds further
+`[N, d]` tensors. These Functions
 
 - save only the input plus `[N, r]`-sized tensors for backward, never an `[N, d]` one;
 - compute each rank-`r` product once, with the kernel and layout that run fastest: oneDNN's
@@ -228,9 +229,11 @@ class TaskFilterFunction(torch.autograd.Function):
             # q = c / max(|h| |t|, eps): the denominator's gradient, where it is not clamped
             g_denom = torch.where(n * t_norm >= ctx.eps, -gq * q / denom, 0.0)
         if needs[0]:
-            grad_h = add_low_rank(g2, gP, M, 1.0)
-            if cosine:  # through |h|: h · g_denom |t| / |h|
-                grad_h.addcmul_(h2, torch.where(n > 0, g_denom * t_norm / n, 0.0).unsqueeze(-1))
+            if cosine:  # through |h| (h · g_denom |t| / |h|), then through h U and h·t
+                through_norm = torch.where(n > 0, g_denom * t_norm / n, 0.0).unsqueeze(-1)
+                grad_h = torch.addcmul(g2, h2, through_norm).addmm_(gP, M)
+            else:
+                grad_h = add_low_rank(g2, gP, M, 1.0)
             grad_h = grad_h.view(ctx.h_shape)
         if needs[1] or needs[2]:
             hP = small_mm(gP.T, h2.T)  # gPᵀ h [r + 1, d]: pulled back to U and t
