@@ -37,7 +37,8 @@ def test_compiled_model_matches_eager(model, merged, training):
     if merged:
         loratrf.merge(model)
     model.train(training)
-    ids = torch.randint(0, 20, (3, 5))
+    # 64 tokens fold B A into the weights (fused path), 15 add the update after the base map
+    ids = torch.randint(0, 20, (4, 16) if training else (3, 5))
     want = model(ids)
     got = compiled(model, "aot_eager")(ids)
     # float32 through different kernels (compiled graphs use F.linear where eager uses oneDNN)
@@ -53,7 +54,8 @@ def test_compiled_model_matches_eager(model, merged, training):
     model.zero_grad()
     got.sum().backward()
     for name, grad in adapter_grads(model).items():
-        torch.testing.assert_close(grad, eager[name], rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+        atol = 1e-5 * max(1.0, eager[name].abs().max().item())  # float32 sums of different order
+        torch.testing.assert_close(grad, eager[name], rtol=1e-4, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_inductor_compiles_the_unmerged_model_for_inference(model):
