@@ -67,3 +67,25 @@ def test_pattern_lists_that_are_not_lists_are_injection_errors(value):
     """`targets=None` used to raise a bare TypeError from `tuple(None)`."""
     with pytest.raises(InjectionError, match="targets must be a list of regex strings"):
         loratrf.inject(nn.Sequential(nn.Linear(4, 4)), targets=value, filters=["0"])
+
+
+@pytest.mark.parametrize("shape", [(5, 8), (2, 5, 8)])
+def test_in_place_ops_on_adapter_outputs_keep_the_gradients(shape):
+    """The fused Functions returned views of their results, and autograd refuses an in-place op
+    on a Function's view output (`nn.ReLU(inplace=True)` after a LoRA layer, FSDP2's hooks)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.ReLU(inplace=True))
+    loratrf.inject(model, targets=["0"], filters=["2"])
+    randomise_adapters(model)
+    layer, host = model[0], model[2]
+    T = host.task_filter.transform
+    params = [layer.lora.U, layer.lora.V, host.task_filter.task_vector, T.U, T.V]
+    h = torch.randn(shape, requires_grad=True)
+    got = torch.autograd.grad(model(h).sum(), [h, *params])
+    lora = F.linear(h, layer.weight, layer.bias) + layer.lora.scale * (h @ layer.lora.U) @ layer.lora.V
+    hidden = F.linear(torch.relu(lora), host.weight, host.bias)
+    t = host.task_filter.task_vector
+    s = F.cosine_similarity(hidden, t.expand_as(hidden), dim=-1, eps=1e-8).clamp(0, 1).unsqueeze(-1)
+    want = torch.autograd.grad(torch.relu(hidden + T.scale * (s * hidden) @ T.U @ T.V).sum(), [h, *params])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)

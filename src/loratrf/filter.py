@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from loratrf.base_checkpoints import keep_absent_adapter_tensors
 from loratrf.errors import FilterOutputError, InjectionError
+from loratrf.fused import fast_path_applies, task_filter
 from loratrf.lora import LOW_PRECISION
 from loratrf.low_rank import Init, LowRankTransform
 
@@ -91,10 +92,13 @@ class TaskAwareFilter(nn.Module):
                 f"the filtered module's output width is {h.shape[-1]}, so inject with "
                 f"filter_dim={h.shape[-1]} (or filter a module whose output has width {self.dim})"
             )
+        T = self.transform
+        if fast_path_applies(h, self.task_vector, T.U, T.V):
+            return task_filter(h, self.task_vector, T.U, T.V, T.scale, self.similarity == "cosine", self.eps)
         # The output is a fresh tensor, never a view of one: FSDP2 hooks a sharded block's output,
         # and an in-place op on a view there drops the hook and breaks the backward.
         out = h.clone(memory_format=torch.contiguous_format)
-        return self.transform(h, gate=self.relevance(h), residual=out, inplace=True)
+        return T(h, gate=self.relevance(h), residual=out, inplace=True)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, similarity={self.similarity!r}, task_init={self.task_init!r}"

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from loratrf.base_checkpoints import keep_absent_adapter_tensors
 from loratrf.errors import InjectionError, MergeError
+from loratrf.fused import fast_path_applies, lora_linear
 from loratrf.low_rank import Init, LowRankTransform
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -138,14 +139,28 @@ class LoRALinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base_forward(x)
         if self.merged:
+            out = self.base_forward(x)
             if self.training and torch.is_grad_enabled() and self.lora.U.requires_grad:
                 out = _RefuseBackwardWhileMerged.apply(out, self.lora.U)
             return out
-        if self.dropout and self.training:
+        dropout = self.dropout and self.training
+        lora = self.lora
+        if not dropout and self.fast_path_applies(x):
+            return lora_linear(x, self.weight, self.bias, lora.U, lora.V, lora.scale, self.fan_in_fan_out)
+        out = self.base_forward(x)
+        if dropout:
             x = F.dropout(x, self.dropout, training=True)
-        return self.lora(x, residual=out, inplace=True)
+        return lora(x, residual=out, inplace=True)
+
+    def fast_path_applies(self, x: Tensor) -> bool:
+        """`loratrf.fused.lora_linear` serves float32/float64 layers whose base is frozen, with
+        input, weight and adapter of one dtype and autocast off; the rest runs the plain formula
+        (as does an input of the wrong width, so it fails with the base layer's own error)."""
+        if x.shape[-1] != self.in_features:
+            return False
+        frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
+        return frozen and fast_path_applies(x, self.weight, self.bias, self.lora.U, self.lora.V)
 
     def delta_weight(self, dtype: torch.dtype) -> Tensor:
         """`scale · B A` in the layout of `weight`, computed in `dtype`."""
@@ -203,6 +218,25 @@ def check_finite(weight: Tensor, what: str) -> None:
         )
 
 
+MERGED_BACKWARD_MESSAGE = (
+    "backward through a merged LoRALinear: its adapter would receive no gradient. "
+    "Call loratrf.unmerge(model) before training (or run merged models in eval mode)"
+)
+
+
+@torch.library.custom_op("loratrf::refuse_merged_backward", mutates_args=())
+def refuse_merged_backward(grad: Tensor) -> Tensor:
+    """Raises `MergeError` when run. An operator rather than a Python `raise` in `backward`, so
+    that `torch.compile` can trace the backward graph ahead of time and the refusal happens
+    when a backward actually runs."""
+    raise MergeError(MERGED_BACKWARD_MESSAGE)
+
+
+@refuse_merged_backward.register_fake
+def _(grad: Tensor) -> Tensor:
+    return torch.empty_like(grad)
+
+
 class _RefuseBackwardWhileMerged(torch.autograd.Function):
     """Identity on a merged layer's output whose backward refuses: training through a merged
     layer would give its adapter no gradient, so it would silently train nothing."""
@@ -213,7 +247,4 @@ class _RefuseBackwardWhileMerged(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        raise MergeError(
-            "backward through a merged LoRALinear: its adapter would receive no gradient. "
-            "Call loratrf.unmerge(model) before training (or run merged models in eval mode)"
-        )
+        return refuse_merged_backward(grad), None
