@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from loratrf.experiments import cli, data, packages, report
-from loratrf.experiments.grid import Study, aggregate, expand, mean_std, studies
+from loratrf.experiments.grid import STUDY_NAMES, Study, aggregate, expand, mean_std, studies
 from loratrf.experiments.methods import MATRICES, Method, lora_cost, rank_for_budget
 from loratrf.experiments.progress import Progress
 from loratrf.experiments.training import pad, schedule_factor
@@ -28,7 +28,9 @@ needs_demo_packages = pytest.mark.skipif(
 
 def minilm_shaped_model():
     """all-MiniLM-L6-v2's module names and shapes, on the meta device (nothing loaded)."""
-    config = transformers.BertConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=12)
+    config = transformers.BertConfig(
+        hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=12
+    )
     with torch.device("meta"):
         return transformers.BertForSequenceClassification(config)
 
@@ -53,9 +55,14 @@ def test_hutto_file_parses_to_the_hand_computed_sentences(tmp_path):
     path.write_bytes(HUTTO.encode("utf-8"))
     rows = data.parse_hutto(path)
     assert rows == [
-        ("A fine film .", 2.5), ("Dull , dull , dull .", -1.25), ("It is a film .", 0.0),
-        ("Café scenes\tand tabs in the text", 0.1), ("A fine film .", 3.0), ("Mixed .", 1.0),
-        ("Mixed .", -1.0), ("Worst .", -4.0),
+        ("A fine film .", 2.5),
+        ("Dull , dull , dull .", -1.25),
+        ("It is a film .", 0.0),
+        ("Café scenes\tand tabs in the text", 0.1),
+        ("A fine film .", 3.0),
+        ("Mixed .", 1.0),
+        ("Mixed .", -1.0),
+        ("Worst .", -4.0),
     ]
     labelled = data.sentiment_examples(rows)
     assert labelled.texts == ("A fine film .", "Dull , dull , dull .", "Café scenes\tand tabs in the text", "Worst .")
@@ -65,8 +72,12 @@ def test_hutto_file_parses_to_the_hand_computed_sentences(tmp_path):
 
 @pytest.mark.parametrize(
     "bad, problem",
-    [("id\tscore\ttext\r\n1\t1\tx", "header"), ("id\tsentiment\ttext\r\n1\t4.5\tx", "line 2"),
-     ("id\tsentiment\ttext\r\n1\t1\tok\r\n2\tabc\tx", "line 3"), ("id\tsentiment\ttext\r\n1\t1", "line 2")],
+    [
+        ("id\tscore\ttext\r\n1\t1\tx", "header"),
+        ("id\tsentiment\ttext\r\n1\t4.5\tx", "line 2"),
+        ("id\tsentiment\ttext\r\n1\t1\tok\r\n2\tabc\tx", "line 3"),
+        ("id\tsentiment\ttext\r\n1\t1", "line 2"),
+    ],
 )
 def test_malformed_hutto_files_are_refused_with_the_line(tmp_path, bad, problem):
     path = tmp_path / "bad.txt"
@@ -77,7 +88,9 @@ def test_malformed_hutto_files_are_refused_with_the_line(tmp_path, bad, problem)
 
 def test_trec_file_parses_to_coarse_labels(tmp_path):
     path = tmp_path / "q.txt"
-    path.write_text("DESC:manner How did it go ?\nHUM:ind Who is it ?\n\nNUM:date When ?\nHUM:gr Who is it ?\nLOC:city Where ?\n")
+    path.write_text(
+        "DESC:manner How did it go ?\nHUM:ind Who is it ?\n\nNUM:date When ?\nHUM:gr Who is it ?\nLOC:city Where ?\n"
+    )
     parsed = data.parse_trec(path)
     # "Who is it ?" carries HUM twice (fine labels differ): kept once
     assert parsed.texts == ("How did it go ?", "Who is it ?", "When ?", "Where ?")
@@ -144,7 +157,9 @@ methods = st.one_of(
         st.just("cosine"),
         st.none() | st.floats(1e-6, 1.0),
     ),
-    st.builds(lambda r, s: Method("filters", rank=r, similarity=s), st.integers(1, 64), st.sampled_from(["cosine", "dot"])),
+    st.builds(
+        lambda r, s: Method("filters", rank=r, similarity=s), st.integers(1, 64), st.sampled_from(["cosine", "dot"])
+    ),
 )
 
 
@@ -185,7 +200,13 @@ def test_grid_expands_every_method_task_and_seed_once():
     runs = expand([a, b], seeds=[0, 1])
     keys = [r.key for r in runs]
     assert len(keys) == len(set(keys)) == 2 * (2 * 2 + 1)
-    assert keys[:5] == ["full|movies|0", "lora:v:r8|movies|0", "full|trec|0", "lora:v:r8|trec|0", "loratrf:v:r4|movies|0"]
+    assert keys[:5] == [
+        "full|movies|0",
+        "lora:v:r8|movies|0",
+        "full|trec|0",
+        "lora:v:r8|trec|0",
+        "loratrf:v:r4|movies|0",
+    ]
     assert {r.seed for r in runs[5:]} == {1}
     with pytest.raises(ValueError, match="unknown task"):
         expand([Study("c", ("full",), ("imdb",))], [0])
@@ -193,9 +214,12 @@ def test_grid_expands_every_method_task_and_seed_once():
 
 def test_the_papers_studies_hold_their_comparisons():
     found = studies(minilm_shaped_model(), ranks=(4, 32))
+    assert tuple(found) == STUDY_NAMES
     assert found["rank"].methods == ("lora:all:r4", "loratrf:v,f1,f2:r4", "lora:all:r32", "loratrf:v,f1,f2:r32")
     assert "loratrf:q,v:r24" in found["module"].methods and "loratrf:all:r5" in found["module"].methods
-    assert {"lora:v,f1,f2:r8", "loratrf:v,f1,f2:r8", "loratrf:v,f1,f2:r8:dot", "filters:r8"} <= set(found["ablation"].methods)
+    assert {"lora:v,f1,f2:r8", "loratrf:v,f1,f2:r8", "loratrf:v,f1,f2:r8:dot", "filters:r8"} <= set(
+        found["ablation"].methods
+    )
     assert found["demo"].methods == ("full", "lora:all:r8", "loratrf:v,f1,f2:r8")
 
 
@@ -214,12 +238,23 @@ def test_mean_and_std_follow_the_formula(values):
 
 def test_aggregation_groups_seeds_of_one_method_and_task():
     def run(method, task, seed, dev, test, correct):
-        return {"method": method, "task": task, "seed": seed, "params": {"lora": 1}, "dev": dev,
-                "test": {"movies": test}, "test_correct": {"movies": correct}, "majority": {"movies": 0.5},
-                "train_seconds": 10.0 + seed}
+        return {
+            "method": method,
+            "task": task,
+            "seed": seed,
+            "params": {"lora": 1},
+            "dev": dev,
+            "test": {"movies": test},
+            "test_correct": {"movies": correct},
+            "majority": {"movies": 0.5},
+            "train_seconds": 10.0 + seed,
+        }
 
-    runs = [run("a", "movies", 0, 0.8, 0.70, "1100"), run("a", "movies", 1, 0.9, 0.80, "1110"),
-            run("b", "movies", 0, 0.5, 0.50, "0101")]
+    runs = [
+        run("a", "movies", 0, 0.8, 0.70, "1100"),
+        run("a", "movies", 1, 0.9, 0.80, "1110"),
+        run("b", "movies", 0, 0.5, 0.50, "0101"),
+    ]
     table = aggregate(runs)
     assert set(table) == {("a", "movies"), ("b", "movies")}
     a = table["a", "movies"]
@@ -291,6 +326,9 @@ def test_smoke_demo_trains_evaluates_and_writes_results(tmp_path, capsys):
     page = tmp_path / "docs" / "results.md"
     page.parent.mkdir()
     page.write_text(f"old\n{report.NOTES[0]}\nmy notes\n{report.NOTES[1]}\nold tables\n")
-    assert cli.main(["report", str(tmp_path / "results.json"), "--page", str(page), "--figures", str(tmp_path / "figs")]) == 0
+    assert (
+        cli.main(["report", str(tmp_path / "results.json"), "--page", str(page), "--figures", str(tmp_path / "figs")])
+        == 0
+    )
     text = page.read_text()
     assert "my notes" in text and "old tables" not in text and "![demo](../figs/demo.png)" in text

