@@ -331,4 +331,5 @@ def test_smoke_demo_trains_evaluates_and_writes_results(tmp_path, capsys):
         == 0
     )
     text = page.read_text()
-    assert "my notes" in text and "old tables" not in text and "![demo](../figs/demo.png)" in text
+    assert "my notes" in text and "old tables" not in text
+    assert f"## {tmp_path.name}" in text and f"![demo](../figs/{tmp_path.name}-demo.png)" in text

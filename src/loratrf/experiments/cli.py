@@ -72,7 +72,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     grid.add_argument("--study", nargs="+", default=None, help="studies to run (default: all; see `list`)")
     grid.add_argument("--ranks", type=int, nargs="+", default=list(RANKS), help="ranks of the rank study")
     report = sub.add_parser("report", help="regenerate a page such as docs/results.md from a results.json")
-    report.add_argument("results", type=Path, help="a results.json written by demo or grid")
+    report.add_argument(
+        "results",
+        type=Path,
+        nargs="+",
+        help="results.json files written by demo or grid (a section each, named after its folder)",
+    )
     report.add_argument("--page", type=Path, default=Path("docs/results.md"), help="(default docs/results.md)")
     report.add_argument("--figures", type=Path, default=Path("docs/results"), help="(default docs/results/)")
     sub.add_parser("list", help="the studies, tasks and method defaults")
@@ -149,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "report":
             from loratrf.experiments.report import write_docs
 
-            page = write_docs(json.loads(args.results.read_text()), args.page, args.figures)
+            grids = {path.parent.name: json.loads(path.read_text()) for path in args.results}
+            page = write_docs(grids, args.page, args.figures)
             print(f"wrote {page} and its figures in {args.figures}/")
         else:
             run(args)

@@ -287,31 +287,32 @@ def kept_notes(page: Path) -> list[str]:
     return text[start : end + len(NOTES[1])].splitlines()
 
 
-def write_docs(results: Mapping, page: Path, figures_folder: Path) -> Path:
-    """Regenerate a documentation page (docs/results.md) and its figures from `results`,
-    keeping the page's hand-written notes."""
-    n_test = results["training"]["test_size"]
-    agg = aggregate(results["runs"])
-    figures = {
-        name: plot(name, study, agg, figures_folder / f"{name}.png") for name, study in results["studies"].items()
-    }
+def write_docs(grids: Mapping[str, Mapping], page: Path, figures_folder: Path) -> Path:
+    """Regenerate a documentation page (docs/results.md) and its figures from results files
+    (`{name: content of a results.json}`, a section each), keeping the page's hand-written notes."""
     lines = ["# Results: LoRATRF vs LoRA vs full fine-tuning on a real model and real data", ""]
     lines += kept_notes(page) + [""]
-    lines += ["## Setup", ""] + setup_lines(results) + [""]
+    for name, results in grids.items():
+        agg = aggregate(results["runs"])
+        figures = {
+            study: plot(study, spec, agg, figures_folder / f"{name}-{study}.png")
+            for study, spec in results["studies"].items()
+        }
+        lines += [f"## {name}", ""] + setup_lines(results) + [""]
+        lines += markdown(results, figures, page.parent, with_findings=True)
     lines += [
+        "## Noise bands",
+        "",
         (
-            "Noise bands: a gap between two methods is called *within noise* when it is smaller than two "
-            "standard errors. The test set's standard error is paired where the runs recorded which sentences "
-            "they got right (the standard deviation of the per-sentence difference over sqrt(n)) and otherwise "
-            "that of two independent accuracies, `100 sqrt(2 p (1 - p) / n)` points "
-            f"({noise(0.8, n_test):.1f} at 80% on {n_test:,} sentences); "
-            "with several seeds, the seeds' standard error of the difference of the means adds in quadrature."
+            "A gap between two methods is called *within noise* when it is smaller than two standard errors. "
+            "The test set's standard error is paired where the runs recorded which sentences they got right "
+            "(the standard deviation of the per-sentence difference over sqrt(n)) and otherwise that of two "
+            "independent accuracies, `100 sqrt(2 p (1 - p) / n)` points "
+            f"({noise(0.8, 1000):.1f} at 80% on 1,000 sentences); with several seeds, the seeds' "
+            "standard error of the difference of the means adds in quadrature."
         ),
         "",
-        "## Studies",
-        "",
     ]
-    lines += markdown(results, figures, page.parent, with_findings=True)
     lines += HOW_TO_RUN
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text("\n".join(lines).rstrip() + "\n")
