@@ -333,3 +333,17 @@ def test_smoke_demo_trains_evaluates_and_writes_results(tmp_path, capsys):
     text = page.read_text()
     assert "my notes" in text and "old tables" not in text
     assert f"## {tmp_path.name}" in text and f"![demo](../figs/{tmp_path.name}-demo.png)" in text
+
+
+def test_grid_command_line_picks_studies_or_a_custom_grid():
+    base = minilm_shaped_model()
+    args = cli.parse_args(["grid", "--methods", "lora:v,q:r8", "full", "--tasks", "trec", "nyt"])
+    assert {n: (s.methods, s.tasks) for n, s in cli.chosen_studies(args, base).items()} == {
+        "custom": (("lora:q,v:r8", "full"), ("trec", "nyt"))
+    }
+    args = cli.parse_args(["grid", "--study", "rank", "ablation", "--ranks", "2"])
+    chosen = cli.chosen_studies(args, base)
+    assert list(chosen) == ["rank", "ablation"] and chosen["rank"].methods == ("lora:all:r2", "loratrf:v,f1,f2:r2")
+    assert list(cli.chosen_studies(cli.parse_args(["grid"]), base)) == [n for n in STUDY_NAMES if n != "demo"]
+    with pytest.raises(ValueError, match="unknown studies"):
+        cli.chosen_studies(cli.parse_args(["grid", "--study", "speed"]), base)

@@ -100,7 +100,11 @@ def training_config(args: argparse.Namespace) -> TrainingConfig:
 
 def chosen_studies(args: argparse.Namespace, base) -> dict[str, Study]:
     known = studies(base, args.ranks if args.command == "grid" else RANKS)
-    names = ["demo"] if args.command == "demo" else (args.study or [n for n in known if n != "demo"])
+    if args.command == "grid" and not args.study and (args.methods or args.tasks):
+        known["custom"] = Study("A grid of the given methods and tasks", known["demo"].methods, ("movies",))
+        names = ["custom"]
+    else:
+        names = ["demo"] if args.command == "demo" else (args.study or [n for n in known if n != "demo"])
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"unknown studies {unknown}; known: {sorted(known)}")

@@ -137,8 +137,10 @@ def aggregate(runs: Sequence[dict]) -> dict[tuple[str, str], dict]:
 
 
 def per_sentence(flags: Sequence[str | None]) -> list[float] | None:
-    """Share of runs right on each sentence, from runs' `"0110..."` strings (None if one is missing)."""
-    if not flags or any(f is None for f in flags):
+    """Share of runs right on each sentence, from the runs' `"0110..."` strings; runs that
+    recorded none are left out (None when no run did)."""
+    flags = [f for f in flags if f is not None]
+    if not flags:
         return None
     return [sum(f[i] == "1" for f in flags) / len(flags) for i in range(len(flags[0]))]
 
@@ -240,6 +242,7 @@ def run_grid(runner: Runner, chosen: dict[str, Study], seeds: Sequence[int], out
                 "pass another --out, or the same settings to add runs to it"
             )
     results["studies"].update({name: dataclasses.asdict(s) for name, s in chosen.items()})
+    results.setdefault("commands", []).append(environment()["command"])
     results["seeds"] = sorted(set(results["seeds"]) | set(seeds))
     done = {r["key"] for r in results["runs"]}
     specs = expand(chosen.values(), seeds)

@@ -214,7 +214,7 @@ def setup_lines(results: Mapping) -> list[str]:
         f"- machine: {env['cpus']} CPUs, {env['threads']} torch thread(s), torch {env['torch']}, "
         f"transformers {env['transformers']}"
         + (f"; 1-minute load average during runs {min(loads):.1f} to {max(loads):.1f}" if loads else ""),
-        f"- command: `{env['command']}`",
+        *(f"- command: `{c}`" for c in results.get("commands") or [env["command"]]),
     ]
     return [line for line in lines if line]
 
@@ -264,7 +264,8 @@ HOW_TO_RUN = [
     '    make demo ARGS="--seeds 0 1 2 --train-size 4000"   # longer: more seeds, more data (or --epochs)',
     "    .venv/bin/python -m loratrf.experiments list            # tasks, studies, method specs",
     "    .venv/bin/python -m loratrf.experiments grid --seeds 0 1 2 3 4 --out results/full   # every study",
-    "    .venv/bin/python -m loratrf.experiments grid --study rank --ranks 4 8 --methods lora:all loratrf:v,f1,f2",
+    "    .venv/bin/python -m loratrf.experiments grid --study rank --ranks 4 8 --seeds 0 1 2   # part of a study",
+    "    .venv/bin/python -m loratrf.experiments grid --methods lora:q,v:r8 loratrf:o,f1,f2:r4 --tasks trec nyt",
     "    .venv/bin/python -m loratrf.experiments report results/full/results.json   # rewrites this page",
     "",
     (
