@@ -158,6 +158,13 @@ methods = st.one_of(
         st.none() | st.floats(1e-6, 1.0),
     ),
     st.builds(
+        lambda m, r, fr, s: Method("loratrf", m, r, s, filter_rank=fr),
+        st.lists(st.sampled_from(MATRICES), min_size=1, unique=True).map(tuple),
+        st.integers(1, 64),
+        st.integers(1, 64),
+        st.sampled_from(["cosine", "dot"]),
+    ),
+    st.builds(
         lambda r, s: Method("filters", rank=r, similarity=s), st.integers(1, 64), st.sampled_from(["cosine", "dot"])
     ),
 )
@@ -174,7 +181,19 @@ def test_method_specs_read_as_documented():
     assert str(Method.parse("loratrf:f2,v,f1")) == "loratrf:v,f1,f2:r8"
     assert Method.parse("full").learning_rate == 5e-5
     assert Method.parse("loratrf:v:r2").title == "LoRATRF r=2 (v + filters)"
-    for bad in ("lora", "lora:x,y", "full:r4", "lora:v:dot", "filters:v:r8", "lora:v:r0", "adapter:v", "lora:v:lr=abc"):
+    assert Method.parse("loratrf:q,v:r24:fr8").title == "LoRATRF r=24 (q,v + filters r=8)"
+    assert Method.parse("loratrf:v:r8:fr8") == Method.parse("loratrf:v:r8")  # the default filter rank
+    for bad in (
+        "lora",
+        "lora:x,y",
+        "full:r4",
+        "lora:v:dot",
+        "filters:v:r8",
+        "lora:v:r0",
+        "adapter:v",
+        "lora:v:lr=abc",
+        "lora:v:fr4",
+    ):
         with pytest.raises(ValueError, match="method specs are"):
             Method.parse(bad)
 
@@ -216,7 +235,14 @@ def test_the_papers_studies_hold_their_comparisons():
     found = studies(minilm_shaped_model(), ranks=(4, 32))
     assert tuple(found) == STUDY_NAMES
     assert found["rank"].methods == ("lora:all:r4", "loratrf:v,f1,f2:r4", "lora:all:r32", "loratrf:v,f1,f2:r32")
-    assert "loratrf:q,v:r24" in found["module"].methods and "loratrf:all:r5" in found["module"].methods
+    assert found["module"].methods == (
+        "loratrf:q,v:r24:fr8",
+        "loratrf:q,k,v,o:r12:fr8",
+        "loratrf:f1,f2:r10:fr8",
+        "loratrf:o,f1,f2:r8",
+        "loratrf:v,f1,f2:r8",
+        "loratrf:all:r5:fr8",
+    )
     assert {"lora:v,f1,f2:r8", "loratrf:v,f1,f2:r8", "loratrf:v,f1,f2:r8:dot", "filters:r8"} <= set(
         found["ablation"].methods
     )
@@ -347,3 +373,18 @@ def test_grid_command_line_picks_studies_or_a_custom_grid():
     assert list(cli.chosen_studies(cli.parse_args(["grid"]), base)) == [n for n in STUDY_NAMES if n != "demo"]
     with pytest.raises(ValueError, match="unknown studies"):
         cli.chosen_studies(cli.parse_args(["grid", "--study", "speed"]), base)
+
+
+def test_prepared_methods_hold_the_counted_parameters():
+    import loratrf
+    from loratrf.experiments.methods import prepare
+
+    d, layers = 384, 6
+    model = minilm_shaped_model()
+    prepare(model, Method.parse("loratrf:q,v:r24:fr8"))
+    counts = loratrf.summary(model)
+    assert counts.lora == 24 * layers * 2 * (2 * d) and counts.filter == layers * (d + 2 * d * 8)
+    assert counts.other == d * d + d + 2 * d + 2  # the head: pooler and classifier
+    full = minilm_shaped_model()
+    prepare(full, Method.parse("full"))
+    assert loratrf.summary(full).other == loratrf.summary(full).base_total

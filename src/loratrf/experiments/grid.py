@@ -45,7 +45,10 @@ class Study:
 def studies(base: nn.Module, ranks: Sequence[int] = RANKS) -> dict[str, Study]:
     """The paper's comparisons as grids; `base` (the unadapted model) sizes the module-choice ranks."""
     budget = 8 * lora_cost(base, ("v", "f1", "f2"))
-    modules = tuple(str(Method("loratrf", choice, rank_for_budget(base, choice, budget))) for choice in MODULE_CHOICES)
+    modules = tuple(
+        str(Method("loratrf", choice, rank_for_budget(base, choice, budget), filter_rank=8))
+        for choice in MODULE_CHOICES
+    )
     main = ("full", PAPER_LORA, PAPER_LORATRF)
     found = {  # in STUDY_NAMES' order
         "demo": Study("Full fine-tuning, the paper's LoRA baseline and LoRATRF on movie sentiment", main, ("movies",)),
@@ -56,7 +59,8 @@ def studies(base: nn.Module, ranks: Sequence[int] = RANKS) -> dict[str, Study]:
         ),
         "module": Study(
             f"Which matrices to adapt (the paper's Figure 2), LoRATRF at a held LoRA budget of {budget:,} "
-            "parameters (that of r=8 on v,f1,f2): each choice takes the rank whose count is nearest",
+            "parameters (that of r=8 on v,f1,f2): each choice takes the rank whose count is nearest, and "
+            "the filters keep rank 8",
             modules,
             ("movies",),
         ),

@@ -6,6 +6,7 @@ Spec grammar (`Method.parse`; `str(method)` gives the canonical spec back):
     lora:<matrices>:r<rank>       LoRA on those matrices of every layer
     loratrf:<matrices>:r<rank>    the same plus a task-aware filter on every layer's output
     filters:r<rank>               filters only, no LoRA
+    ...:fr<rank>                  the filters' rank, when it differs from LoRA's (loratrf)
     ...:dot                       dot-product relevance instead of cosine (loratrf, filters)
     ...:lr=<float>                a learning rate other than the method's default
 
@@ -29,8 +30,8 @@ from loratrf.presets import MATRICES
 KINDS = ("full", "lora", "loratrf", "filters")
 GRAMMAR = (
     "method specs are 'full', 'lora:<matrices>:r<rank>', 'loratrf:<matrices>:r<rank>' or 'filters:r<rank>', "
-    "with <matrices> from q,k,v,o,f1,f2 joined by commas (or 'all'), optionally followed by ':dot' "
-    "(filters' similarity) and ':lr=<float>'; e.g. 'loratrf:v,f1,f2:r8'"
+    "with <matrices> from q,k,v,o,f1,f2 joined by commas (or 'all'), optionally followed by ':fr<rank>' "
+    "(the filters' rank), ':dot' (filters' similarity) and ':lr=<float>'; e.g. 'loratrf:v,f1,f2:r8'"
 )
 ALPHA = 16.0
 # Defaults, the same for every task and not tuned: full fine-tuning at BERT's usual 5e-5, and
@@ -48,6 +49,7 @@ class Method:
     rank: int | None = None  # None: 8, or no rank for `full`
     similarity: str = "cosine"
     lr: float | None = None  # None: DEFAULT_LR[kind]
+    filter_rank: int | None = None  # None: the filters take `rank`
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -69,6 +71,13 @@ class Method:
             object.__setattr__(self, "rank", 8)
         elif isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}")
+        if self.filter_rank is not None:
+            if not self.filters:
+                raise ValueError("a filter rank needs filters (kind 'loratrf' or 'filters')")
+            if isinstance(self.filter_rank, bool) or not isinstance(self.filter_rank, int) or self.filter_rank < 1:
+                raise ValueError(f"filter rank must be an integer >= 1, got {self.filter_rank!r}")
+            if self.filter_rank == self.rank:  # canonical: the default is left out
+                object.__setattr__(self, "filter_rank", None)
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"learning rate must be a positive number, got {self.lr!r}")
         if self.matrices:  # canonical order, so equal methods have equal specs
@@ -88,6 +97,8 @@ class Method:
             parts.append("all" if self.matrices == MATRICES else ",".join(self.matrices))
         if self.rank is not None:
             parts.append(f"r{self.rank}")
+        if self.filter_rank is not None:
+            parts.append(f"fr{self.filter_rank}")
         if self.similarity != "cosine":
             parts.append(self.similarity)
         if self.lr is not None:
@@ -102,6 +113,8 @@ class Method:
         where = ",".join(self.matrices)
         if self.filters:
             where = f"{where} + filters" if where else "filters only"
+            if self.filter_rank is not None:
+                where += f" r={self.filter_rank}"
             if self.similarity == "dot":
                 where += ", dot"
         name = {"lora": "LoRA", "loratrf": "LoRATRF", "filters": "filters"}[self.kind]
@@ -114,6 +127,8 @@ class Method:
         for field in fields:
             if m := re.fullmatch(r"r(\d+)", field):
                 options["rank"] = int(m.group(1))
+            elif m := re.fullmatch(r"fr(\d+)", field):
+                options["filter_rank"] = int(m.group(1))
             elif field in ("cosine", "dot"):
                 options["similarity"] = field
             elif field.startswith("lr="):
@@ -144,6 +159,7 @@ def prepare(model: nn.Module, method: Method) -> loratrf.InjectionConfig | None:
         method.matrices,
         filters=method.filters,
         rank=method.rank,
+        filter_rank=method.filter_rank,
         alpha=ALPHA,
         similarity=method.similarity,
         trainable=HEAD,
