@@ -1,0 +1,5 @@
+import sys
+
+from loratrf.experiments.cli import main
+
+sys.exit(main())

