@@ -158,14 +158,18 @@ methods = st.one_of(
         st.none() | st.floats(1e-6, 1.0),
     ),
     st.builds(
-        lambda m, r, fr, s: Method("loratrf", m, r, s, filter_rank=fr),
+        lambda m, r, fr, s, c: Method("loratrf", m, r, s, filter_rank=fr, calibrated=c),
         st.lists(st.sampled_from(MATRICES), min_size=1, unique=True).map(tuple),
         st.integers(1, 64),
         st.integers(1, 64),
         st.sampled_from(["cosine", "dot"]),
+        st.booleans(),
     ),
     st.builds(
-        lambda r, s: Method("filters", rank=r, similarity=s), st.integers(1, 64), st.sampled_from(["cosine", "dot"])
+        lambda r, s, c: Method("filters", rank=r, similarity=s, calibrated=c),
+        st.integers(1, 64),
+        st.sampled_from(["cosine", "dot"]),
+        st.booleans(),
     ),
 )
 
@@ -183,6 +187,8 @@ def test_method_specs_read_as_documented():
     assert Method.parse("loratrf:v:r2").title == "LoRATRF r=2 (v + filters)"
     assert Method.parse("loratrf:q,v:r24:fr8").title == "LoRATRF r=24 (q,v + filters r=8)"
     assert Method.parse("loratrf:v:r8:fr8") == Method.parse("loratrf:v:r8")  # the default filter rank
+    assert Method.parse("loratrf:v:cal:dot") == Method("loratrf", ("v",), 8, "dot", calibrated=True)
+    assert Method.parse("filters:r4:cal").title == "filters r=4 (filters only, calibrated t)"
     for bad in (
         "lora",
         "lora:x,y",
@@ -193,6 +199,8 @@ def test_method_specs_read_as_documented():
         "adapter:v",
         "lora:v:lr=abc",
         "lora:v:fr4",
+        "lora:v:cal",
+        "full:cal",
     ):
         with pytest.raises(ValueError, match="method specs are"):
             Method.parse(bad)
@@ -243,7 +251,7 @@ def test_the_papers_studies_hold_their_comparisons():
         "loratrf:v,f1,f2:r8",
         "loratrf:all:r5:fr8",
     )
-    assert {"lora:v,f1,f2:r8", "loratrf:v,f1,f2:r8", "loratrf:v,f1,f2:r8:dot", "filters:r8"} <= set(
+    assert {"lora:v,f1,f2:r8", "loratrf:v,f1,f2:r8", "loratrf:v,f1,f2:r8:dot", "loratrf:v,f1,f2:r8:cal", "filters:r8"} <= set(
         found["ablation"].methods
     )
     assert found["demo"].methods == ("full", "lora:all:r8", "loratrf:v,f1,f2:r8")
@@ -359,6 +367,16 @@ def test_smoke_demo_trains_evaluates_and_writes_results(tmp_path, capsys):
     text = page.read_text()
     assert "my notes" in text and "old tables" not in text
     assert f"## {tmp_path.name}" in text and f"![demo](../figs/{tmp_path.name}-demo.png)" in text
+
+
+@needs_demo_packages
+def test_a_calibrated_method_starts_every_gate_open_on_its_first_batch(tmp_path):
+    tiny = ["--train-size", "48", "--dev-size", "16", "--test-size", "32", "--batch-size", "16"]
+    argv = ["grid", "--methods", "loratrf:v:r2:cal", *tiny, "--max-length", "32", "--max-steps", "1"]
+    assert cli.main([*argv, "--threads", "1", "--out", str(tmp_path)]) == 0
+    (run,) = json.loads((tmp_path / "results.json").read_text())["runs"]
+    gates = run["open_gates"]
+    assert len(gates) == 6 and all(0.9 <= share <= 1.0 for share in gates.values())
 
 
 def test_grid_command_line_picks_studies_or_a_custom_grid():

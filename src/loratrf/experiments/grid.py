@@ -25,7 +25,7 @@ import loratrf
 from loratrf.experiments.backbone import Backbone
 from loratrf.experiments.data import TASKS, load_source, split
 from loratrf.experiments.methods import MATRICES, Method, lora_cost, prepare, rank_for_budget
-from loratrf.experiments.training import Encoded, TrainingConfig, correct, train
+from loratrf.experiments.training import Encoded, TrainingConfig, correct, pad, train
 
 PAPER_LORA = "lora:all:r8"  # the paper's LoRA baseline: r=8 on all six matrices
 PAPER_LORATRF = "loratrf:v,f1,f2:r8"  # the paper's DeBERTa setup: r=8 on W_v, W_f1, W_f2, filters on every layer
@@ -66,8 +66,17 @@ def studies(base: nn.Module, ranks: Sequence[int] = RANKS) -> dict[str, Study]:
         ),
         "ablation": Study(
             "Filter ablations at the same LoRA targets (v,f1,f2, r=8): without filters, with cosine "
-            "filters, with dot-product filters, filters alone; and the all-six LoRA baseline",
-            ("lora:v,f1,f2:r8", PAPER_LORATRF, "loratrf:v,f1,f2:r8:dot", "filters:r8", PAPER_LORA),
+            "filters, with dot-product filters, with task vectors calibrated on the first training "
+            "batch (`loratrf.calibrate_filters`) instead of random, filters alone; and the all-six "
+            "LoRA baseline",
+            (
+                "lora:v,f1,f2:r8",
+                PAPER_LORATRF,
+                "loratrf:v,f1,f2:r8:dot",
+                "loratrf:v,f1,f2:r8:cal",
+                "filters:r8",
+                PAPER_LORA,
+            ),
             ("movies",),
         ),
         "domains": Study(
@@ -181,6 +190,10 @@ class Runner:
         torch.manual_seed(spec.seed)  # adapter and task-vector initialisation
         model = self.backbone.fresh(self._classes[task.train], spec.seed)
         prepare(model, spec.method)
+        open_gates = None
+        if spec.method.calibrated:
+            input_ids, mask = pad(train_data.ids[: self.config.batch_size], self.backbone.pad_id)
+            open_gates = loratrf.calibrate_filters(model, input_ids=input_ids, attention_mask=mask)
         params = loratrf.summary(model)
         start = time.perf_counter()
         losses = train(
@@ -209,6 +222,7 @@ class Runner:
             "test": {s: hits.float().mean().item() for s, hits in test.items()},
             "test_correct": {s: "".join("1" if h else "0" for h in hits.tolist()) for s, hits in test.items()},
             "majority": {s: self._majority[s] for s in task.tests},
+            "open_gates": open_gates,  # calibrated runs: per filter, the share of tokens with s > 0
             "train_loss": losses,
             "train_sentences": len(train_data),
             "train_seconds": train_seconds,

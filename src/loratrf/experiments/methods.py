@@ -8,6 +8,8 @@ Spec grammar (`Method.parse`; `str(method)` gives the canonical spec back):
     filters:r<rank>               filters only, no LoRA
     ...:fr<rank>                  the filters' rank, when it differs from LoRA's (loratrf)
     ...:dot                       dot-product relevance instead of cosine (loratrf, filters)
+    ...:cal                       task vectors set by `loratrf.calibrate_filters` on the first
+                                  training batch, instead of random (loratrf, filters)
     ...:lr=<float>                a learning rate other than the method's default
 
 `<matrices>` are the paper's names joined by commas (`q,k,v,o,f1,f2`), or `all` for the six;
@@ -31,7 +33,7 @@ KINDS = ("full", "lora", "loratrf", "filters")
 GRAMMAR = (
     "method specs are 'full', 'lora:<matrices>:r<rank>', 'loratrf:<matrices>:r<rank>' or 'filters:r<rank>', "
     "with <matrices> from q,k,v,o,f1,f2 joined by commas (or 'all'), optionally followed by ':fr<rank>' "
-    "(the filters' rank), ':dot' (filters' similarity) and ':lr=<float>'; e.g. 'loratrf:v,f1,f2:r8'"
+    "(the filters' rank), ':dot' (filters' similarity), ':cal' (calibrated task vectors) and ':lr=<float>'; e.g. 'loratrf:v,f1,f2:r8'"
 )
 ALPHA = 16.0
 # Defaults, the same for every task and not tuned: full fine-tuning at BERT's usual 5e-5, and
@@ -50,6 +52,7 @@ class Method:
     similarity: str = "cosine"
     lr: float | None = None  # None: DEFAULT_LR[kind]
     filter_rank: int | None = None  # None: the filters take `rank`
+    calibrated: bool = False  # task vectors from `loratrf.calibrate_filters`, not random
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -78,6 +81,8 @@ class Method:
                 raise ValueError(f"filter rank must be an integer >= 1, got {self.filter_rank!r}")
             if self.filter_rank == self.rank:  # canonical: the default is left out
                 object.__setattr__(self, "filter_rank", None)
+        if self.calibrated and not self.filters:
+            raise ValueError("':cal' calibrates filters (kind 'loratrf' or 'filters')")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"learning rate must be a positive number, got {self.lr!r}")
         if self.matrices:  # canonical order, so equal methods have equal specs
@@ -101,6 +106,8 @@ class Method:
             parts.append(f"fr{self.filter_rank}")
         if self.similarity != "cosine":
             parts.append(self.similarity)
+        if self.calibrated:
+            parts.append("cal")
         if self.lr is not None:
             parts.append(f"lr={self.lr!r}")  # repr: the shortest text that reads back exactly
         return ":".join(parts)
@@ -117,6 +124,8 @@ class Method:
                 where += f" r={self.filter_rank}"
             if self.similarity == "dot":
                 where += ", dot"
+            if self.calibrated:
+                where += ", calibrated t"
         name = {"lora": "LoRA", "loratrf": "LoRATRF", "filters": "filters"}[self.kind]
         return f"{name} r={self.rank} ({where})"
 
@@ -131,6 +140,8 @@ class Method:
                 options["filter_rank"] = int(m.group(1))
             elif field in ("cosine", "dot"):
                 options["similarity"] = field
+            elif field == "cal":
+                options["calibrated"] = True
             elif field.startswith("lr="):
                 try:
                     options["lr"] = float(field[3:])
