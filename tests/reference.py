@@ -2,12 +2,13 @@
 
 import torch
 import torch.nn.functional as F
+from einops import einsum
 
 
 def lora_reference(x, weight, bias, A, B, scale):
     """LoRA (Hu et al., eq. 2): h = W0 x + (alpha/r) B A x, with W0 [out, in], A [r, in], B [out, r]."""
     x, weight, A, B = (t.double() for t in (x, weight, A, B))
-    y = x @ weight.T + scale * (x @ A.T) @ B.T
+    y = einsum(x, weight, "... i, o i -> ... o") + scale * einsum(x, A, B, "... i, r i, o r -> ... o")
     return y if bias is None else y + bias.double()
 
 
@@ -20,7 +21,7 @@ def filter_reference(h, t, U, V, scale, similarity="cosine"):
     if similarity == "cosine":
         sim = F.cosine_similarity(h, t.expand_as(h), dim=-1, eps=1e-8)
     else:
-        sim = (h * t).sum(-1)
-    h_tilde = sim.clamp(0, 1)[..., None] * h
-    T = scale * U @ V
-    return h + h_tilde @ T
+        sim = einsum(h, t, "... d, d -> ...")
+    h_tilde = einsum(sim.clamp(0, 1), h, "..., ... d -> ... d")
+    T = scale * einsum(U, V, "d r, r e -> d e")
+    return h + einsum(h_tilde, T, "... d, d e -> ... e")

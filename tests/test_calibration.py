@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 import loratrf
+from loratrf import FilterOutputError
 from models import Net
 
 ids = torch.randint(0, 20, (4, 6))
@@ -59,10 +60,15 @@ def test_calibration_keeps_the_mode_and_reports_each_filter():
 
 
 def test_calibration_refuses_models_without_filters_or_filters_that_did_not_run():
-    with pytest.raises(ValueError, match="no task-aware filters"):
+    with pytest.raises(FilterOutputError, match="no task-aware filters"):
         loratrf.calibrate_filters(Net(), ids)
     model = Shifted(4)
     model.unused = nn.Linear(4, 4)  # registered, never called
     loratrf.inject(model, filters=["proj", "unused"])
-    with pytest.raises(ValueError, match=r"did not run.*'unused'"):
+    with pytest.raises(FilterOutputError, match=r"did not run.*'unused'"):
         loratrf.calibrate_filters(model, torch.randn(2, 4))
+    model = Shifted(4)
+    loratrf.inject(model, filters=["proj"])
+    nn.init.zeros_(model.proj.bias)
+    with pytest.raises(FilterOutputError, match="only zero vectors"):
+        loratrf.calibrate_filters(model, torch.zeros(2, 4))

@@ -10,8 +10,10 @@ their inverse mean norm, so both cosine and dot gates start inside (0, 1) for ty
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
+from loratrf.errors import FilterOutputError
 from loratrf.filter import TaskAwareFilter
 from loratrf.walk import named_filters
 
@@ -27,7 +29,7 @@ def calibrate_filters(model: nn.Module, *args, **kwargs) -> dict[str, float]:
     """
     filters = dict(named_filters(model))
     if not filters:
-        raise ValueError("the model has no task-aware filters to calibrate; inject filters first")
+        raise FilterOutputError("the model has no task-aware filters to calibrate; inject filters first")
     seen: dict[str, Tensor] = {}
     handles = [
         f.register_forward_pre_hook(lambda _, inputs, host=host: seen.setdefault(host, inputs[0].detach()))
@@ -44,17 +46,17 @@ def calibrate_filters(model: nn.Module, *args, **kwargs) -> dict[str, float]:
             handle.remove()
     missing = sorted(set(filters) - set(seen))
     if missing:
-        raise ValueError(f"these filters did not run on the sample batch, so they cannot be calibrated: {missing}")
+        raise FilterOutputError(f"these filters did not run on the sample batch, so they cannot be calibrated: {missing}")
     return {host: _calibrate(filters[host], seen[host]) for host in filters}
 
 
 @torch.no_grad()
 def _calibrate(task_filter: TaskAwareFilter, h: Tensor) -> float:
-    tokens = h.reshape(-1, h.shape[-1]).double()
+    tokens = rearrange(h, "... d -> (...) d").double()
     norms = torch.linalg.vector_norm(tokens, dim=-1)
     live = norms > 0
     if not bool(live.any()):
-        raise ValueError("a filter's host returned only zero vectors on the sample batch; calibrate on real inputs")
+        raise FilterOutputError("a filter's host returned only zero vectors on the sample batch; calibrate on real inputs")
     direction = (tokens[live] / norms[live, None]).mean(0)
     direction = direction / torch.linalg.vector_norm(direction).clamp_min(torch.finfo(torch.float64).tiny)
     task_filter.task_vector.copy_(direction / norms[live].mean())

@@ -12,7 +12,8 @@ class InjectionError(LoRATRFError, ValueError):
 
 
 class FilterOutputError(LoRATRFError, ValueError):
-    """A task-aware filter met a module output it cannot filter (another width, or no tensor)."""
+    """A task-aware filter met a module output it cannot filter (another width, or no tensor),
+    or filters that `calibrate_filters` cannot calibrate."""
 
 
 class MergeError(LoRATRFError, RuntimeError):
