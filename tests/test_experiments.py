@@ -12,10 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from loratrf.experiments import cli, data, packages, report
-from loratrf.experiments.grid import STUDY_NAMES, Study, aggregate, expand, mean_std, studies
+from loratrf.experiments.grid import STUDY_NAMES, Study, aggregate, expand, mean_std, run_grid, studies
 from loratrf.experiments.methods import MATRICES, Method, lora_cost, rank_for_budget
 from loratrf.experiments.progress import Progress
-from loratrf.experiments.training import pad, schedule_factor
+from loratrf.experiments.training import TrainingConfig, pad, schedule_factor
 
 # `make test` installs the demo's packages, so in CI (CI=true) nothing here may be skipped.
 NOT_IN_CI = not os.environ.get("CI")
@@ -367,6 +367,37 @@ def test_smoke_demo_trains_evaluates_and_writes_results(tmp_path, capsys):
     text = page.read_text()
     assert "my notes" in text and "old tables" not in text
     assert f"## {tmp_path.name}" in text and f"![demo](../figs/{tmp_path.name}-demo.png)" in text
+
+
+class FakeRunner:
+    """Records runs without training; `during_first` runs inside the first one (another process)."""
+
+    def __init__(self, during_first=None):
+        self.config, self.during_first, self.trained = TrainingConfig(epochs=1), during_first, []
+
+    def run(self, spec, label):
+        if self.during_first is not None:
+            self.during_first, other = None, self.during_first
+            other()
+        self.trained.append(spec.key)
+        return {"key": spec.key, "dev": 0.5, "test": {"movies": 0.5}, "train_seconds": 0.0}
+
+
+def test_grid_processes_sharing_a_results_file_keep_each_others_runs(tmp_path):
+    study = {"s": Study("q", ("lora:v:r2", "loratrf:v:r2"), ("movies",))}
+    other = FakeRunner()
+    first = FakeRunner(during_first=lambda: run_grid(other, study, [1], tmp_path, log=lambda _: None))
+    run_grid(first, study, [0], tmp_path, log=lambda _: None)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(r["key"] for r in saved["runs"]) == sorted(first.trained + other.trained)
+    assert len(saved["runs"]) == 4 and saved["seeds"] == [0, 1]
+    again = FakeRunner()
+    run_grid(again, study, [0, 1], tmp_path, log=lambda _: None)
+    assert again.trained == []
+    with pytest.raises(ValueError, match="other training settings"):
+        changed = FakeRunner()
+        changed.config = TrainingConfig(epochs=2)
+        run_grid(changed, study, [0], tmp_path, log=lambda _: None)
 
 
 @needs_demo_packages

@@ -27,6 +27,11 @@ from loratrf.experiments.data import TASKS, load_source, split
 from loratrf.experiments.methods import MATRICES, Method, lora_cost, prepare, rank_for_budget
 from loratrf.experiments.training import Encoded, TrainingConfig, correct, pad, train
 
+try:
+    import fcntl  # POSIX: several grid processes may share one results file
+except ImportError:  # pragma: no cover
+    fcntl = None
+
 PAPER_LORA = "lora:all:r8"  # the paper's LoRA baseline: r=8 on all six matrices
 PAPER_LORATRF = "loratrf:v,f1,f2:r8"  # the paper's DeBERTa setup: r=8 on W_v, W_f1, W_f2, filters on every layer
 RANKS = (4, 8, 16, 32)
@@ -248,33 +253,54 @@ def environment() -> dict:
 
 
 def run_grid(runner: Runner, chosen: dict[str, Study], seeds: Sequence[int], out: Path, *, log=print) -> dict:
-    """Run every missing run of the grid, saving `out/results.json` after each; returns its content."""
+    """Run every missing run of the grid, saving `out/results.json` after each; returns its content.
+
+    Several grid processes may share one `out` (say one per seed, each with `--threads 1`): each
+    saves its runs under a file lock, merged with the runs the others saved meanwhile.
+    """
     path = out / "results.json"
-    training = dataclasses.asdict(runner.config)
-    results = {"training": training, "studies": {}, "seeds": [], "environment": environment(), "runs": []}
-    if path.exists():
-        results = json.loads(path.read_text())
-        if results["training"] != training:
-            raise ValueError(
-                f"{path} was made with other training settings ({results['training']}); "
-                "pass another --out, or the same settings to add runs to it"
-            )
-    results["studies"].update({name: dataclasses.asdict(s) for name, s in chosen.items()})
-    results.setdefault("commands", []).append(environment()["command"])
-    results["seeds"] = sorted(set(results["seeds"]) | set(seeds))
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"training": dataclasses.asdict(runner.config), "studies": {}, "seeds": [], "runs": []}
+    results["studies"] = {name: dataclasses.asdict(s) for name, s in chosen.items()}
+    results["seeds"] = sorted(set(seeds))
+    results["environment"] = environment()
+    results["commands"] = [results["environment"]["command"]]
+    results = save(path, results)
     done = {r["key"] for r in results["runs"]}
     specs = expand(chosen.values(), seeds)
     todo = [s for s in specs if s.key not in done]
     log(f"{len(specs)} runs in the grid, {len(specs) - len(todo)} already in {path}, {len(todo)} to train")
-    out.mkdir(parents=True, exist_ok=True)
     for number, spec in enumerate(todo, start=1):
         label = f"[{number}/{len(todo)}] {spec.method} on {spec.task}, seed {spec.seed}"
         record = runner.run(spec, label)
         tests = ", ".join(f"{s} {a:.3f}" for s, a in record["test"].items())
         log(f"    dev {record['dev']:.3f}, test {tests}; trained in {record['train_seconds']:.0f} s")
         results["runs"].append(record)
+        results = save(path, results)
+    return results
+
+
+def save(path: Path, results: dict) -> dict:
+    """Merge `results` into `path` (under a lock: other grid processes may write it too) and
+    return the merged content. Runs are keyed by method, task and seed; the first saved wins."""
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            saved = json.loads(path.read_text())
+            if saved["training"] != results["training"]:
+                raise ValueError(
+                    f"{path} was made with other training settings ({saved['training']}); "
+                    "pass another --out, or the same settings to add runs to it"
+                )
+            known = {r["key"] for r in saved["runs"]}
+            saved["runs"] += [r for r in results["runs"] if r["key"] not in known]
+            saved["studies"].update(results["studies"])
+            saved["seeds"] = sorted(set(saved["seeds"]) | set(results["seeds"]))
+            commands = saved.setdefault("commands", [])
+            commands += [c for c in results.get("commands", []) if c not in commands]
+            results = saved
         write_json(path, results)
-    write_json(path, results)
     return results
 
 
