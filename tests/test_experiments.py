@@ -148,7 +148,7 @@ def test_missing_module_says_how_to_install_the_extra():
 # --- methods and budgets ------------------------------------------------------------------------
 
 methods = st.one_of(
-    st.builds(lambda lr: Method("full", lr=lr), st.none() | st.floats(1e-6, 1.0)),
+    st.builds(lambda k, lr: Method(k, lr=lr), st.sampled_from(["full", "head"]), st.none() | st.floats(1e-6, 1.0)),
     st.builds(
         Method,
         st.sampled_from(["lora", "loratrf"]),
@@ -184,6 +184,7 @@ def test_method_specs_read_as_documented():
     assert Method.parse("loratrf:f2,v,f1:r4:dot:lr=3e-4") == Method("loratrf", ("v", "f1", "f2"), 4, "dot", 3e-4)
     assert str(Method.parse("loratrf:f2,v,f1")) == "loratrf:v,f1,f2:r8"
     assert Method.parse("full").learning_rate == 5e-5
+    assert Method.parse("head") == Method("head") and Method.parse("head").title == "head only"
     assert Method.parse("loratrf:v:r2").title == "LoRATRF r=2 (v + filters)"
     assert Method.parse("loratrf:q,v:r24:fr8").title == "LoRATRF r=24 (q,v + filters r=8)"
     assert Method.parse("loratrf:v:r8:fr8") == Method.parse("loratrf:v:r8")  # the default filter rank
@@ -201,6 +202,8 @@ def test_method_specs_read_as_documented():
         "lora:v:fr4",
         "lora:v:cal",
         "full:cal",
+        "head:r4",
+        "head:v",
     ):
         with pytest.raises(ValueError, match="method specs are"):
             Method.parse(bad)
@@ -437,3 +440,7 @@ def test_prepared_methods_hold_the_counted_parameters():
     full = minilm_shaped_model()
     prepare(full, Method.parse("full"))
     assert loratrf.summary(full).other == loratrf.summary(full).base_total
+    head = minilm_shaped_model()
+    prepare(head, Method.parse("head"))
+    trainable = {name for name, p in head.named_parameters() if p.requires_grad}
+    assert trainable == {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"}

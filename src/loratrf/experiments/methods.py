@@ -3,6 +3,7 @@
 Spec grammar (`Method.parse`; `str(method)` gives the canonical spec back):
 
     full                          full fine-tuning (every parameter trains)
+    head                          only the task head trains (the floor every method starts from)
     lora:<matrices>:r<rank>       LoRA on those matrices of every layer
     loratrf:<matrices>:r<rank>    the same plus a task-aware filter on every layer's output
     filters:r<rank>               filters only, no LoRA
@@ -29,16 +30,16 @@ from torch import nn
 import loratrf
 from loratrf.presets import MATRICES
 
-KINDS = ("full", "lora", "loratrf", "filters")
+KINDS = ("full", "head", "lora", "loratrf", "filters")
 GRAMMAR = (
-    "method specs are 'full', 'lora:<matrices>:r<rank>', 'loratrf:<matrices>:r<rank>' or 'filters:r<rank>', "
+    "method specs are 'full', 'head', 'lora:<matrices>:r<rank>', 'loratrf:<matrices>:r<rank>' or 'filters:r<rank>', "
     "with <matrices> from q,k,v,o,f1,f2 joined by commas (or 'all'), optionally followed by ':fr<rank>' "
     "(the filters' rank), ':dot' (filters' similarity), ':cal' (calibrated task vectors) and ':lr=<float>'; e.g. 'loratrf:v,f1,f2:r8'"
 )
 ALPHA = 16.0
 # Defaults, the same for every task and not tuned: full fine-tuning at BERT's usual 5e-5, and
 # one shared rate for every adapter method (LoRA's usual range is 5e-4 to 2e-3 at alpha/r = 2).
-DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "loratrf": 1e-3, "filters": 1e-3}
+DEFAULT_LR = {"full": 5e-5, "head": 1e-3, "lora": 1e-3, "loratrf": 1e-3, "filters": 1e-3}
 ARCHITECTURE = "bert"
 # The task head trains in every method: BERT's pooler (dense + tanh on [CLS]) and classifier.
 HEAD = (r"(?:.*\.)?pooler", "classifier")
@@ -48,7 +49,7 @@ HEAD = (r"(?:.*\.)?pooler", "classifier")
 class Method:
     kind: str
     matrices: tuple[str, ...] = ()
-    rank: int | None = None  # None: 8, or no rank for `full`
+    rank: int | None = None  # None: 8, or no rank for `full` and `head`
     similarity: str = "cosine"
     lr: float | None = None  # None: DEFAULT_LR[kind]
     filter_rank: int | None = None  # None: the filters take `rank`
@@ -67,9 +68,9 @@ class Method:
             raise ValueError(f"similarity must be 'cosine' or 'dot', got {self.similarity!r}")
         if self.similarity == "dot" and self.kind not in ("loratrf", "filters"):
             raise ValueError("'dot' similarity needs filters (kind 'loratrf' or 'filters')")
-        if self.kind == "full":
+        if self.kind in ("full", "head"):
             if self.rank is not None:
-                raise ValueError("full fine-tuning has no rank")
+                raise ValueError(f"{self.kind!r} has no rank")
         elif self.rank is None:
             object.__setattr__(self, "rank", 8)
         elif isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -117,6 +118,8 @@ class Method:
         """A readable name for tables, e.g. `LoRATRF r=8 (v,f1,f2 + filters)`."""
         if self.kind == "full":
             return "full fine-tuning"
+        if self.kind == "head":
+            return "head only"
         where = ",".join(self.matrices)
         if self.filters:
             where = f"{where} + filters" if where else "filters only"
@@ -160,10 +163,13 @@ class Method:
 
 
 def prepare(model: nn.Module, method: Method) -> loratrf.InjectionConfig | None:
-    """Make `method` trainable in `model` (in place): inject adapters, or unfreeze all for `full`."""
-    if method.kind == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
+    """Make `method` trainable in `model` (in place): inject adapters, unfreeze all for `full`,
+    or only the head for `head`."""
+    if method.kind in ("full", "head"):
+        model.requires_grad_(method.kind == "full")
+        for name, module in model.named_modules():
+            if any(re.fullmatch(pattern, name) for pattern in HEAD):
+                module.requires_grad_(True)
         return None
     config = loratrf.presets.preset(
         ARCHITECTURE,
