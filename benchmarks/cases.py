@@ -201,7 +201,9 @@ def encoder_models(layers: int, d: int, ffn: int, rank: int) -> dict[str, nn.Mod
     if installed("peft"):
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=ALPHA, target_modules=["linear1", "linear2"]))
+        model = get_peft_model(
+            copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=ALPHA, target_modules=["linear1", "linear2"])
+        )
         trained(*(p for n, p in model.named_parameters() if "lora_B" in n))
         models[f"PEFT {version('peft')} LoRA"] = model
     return models

@@ -66,7 +66,9 @@ def measure(config: loratrf.InjectionConfig, repeats: int) -> None:
     counts = loratrf.summary(model)
     ms = lambda xs: f"median {1e3 * statistics.median(xs):7.1f} ms (min {1e3 * min(xs):.1f}, max {1e3 * max(xs):.1f})"
     print(f"  inject: {ms(injects)}")
-    print(f"  build:  {ms(builds)}   inject/build median ratio {statistics.median(injects) / statistics.median(builds):.2f}")
+    print(
+        f"  build:  {ms(builds)}   inject/build median ratio {statistics.median(injects) / statistics.median(builds):.2f}"
+    )
     print(f"  resident memory added by inject: max {max(grown):.1f} MiB; every tensor is on meta")
     print(f"  LoRA {counts.lora:,}  filters {counts.filter:,}  base {counts.base_total:,}")
 

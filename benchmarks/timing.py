@@ -67,17 +67,14 @@ def interleaved(
     gc.disable()
     try:
         for r in range(rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 start = now()
                 methods[name]()
                 times[name].append(now() - start)
     finally:
         gc.enable()
     base = times[baseline]
-    return {
-        name: Timing(tuple(ts), tuple(t / b for t, b in zip(ts, base)))
-        for name, ts in times.items()
-    }
+    return {name: Timing(tuple(ts), tuple(t / b for t, b in zip(ts, base))) for name, ts in times.items()}
 
 
 def keep_freed_memory() -> bool:

@@ -1,6 +1,5 @@
 """Independent reference formulas, written out from the paper, in float64."""
 
-import torch
 import torch.nn.functional as F
 from einops import einsum
 

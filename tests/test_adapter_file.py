@@ -38,7 +38,9 @@ def fresh_base(base_state):
     st.booleans(),
     st.sampled_from([None, "float64"]),
 )
-def test_save_load_round_trip_reproduces_outputs_exactly(tmp_path_factory, seed, rank, alpha, similarity, rslora, dtype):
+def test_save_load_round_trip_reproduces_outputs_exactly(
+    tmp_path_factory, seed, rank, alpha, similarity, rslora, dtype
+):
     path = tmp_path_factory.mktemp("adapter") / "adapter.pt"
     model, base_state = trained(seed, rank=rank, alpha=alpha, similarity=similarity, rslora=rslora, adapter_dtype=dtype)
     loratrf.save_adapter(model, path)
@@ -122,7 +124,10 @@ def _rewrite(path, edit):
     [
         (lambda p: p["tensors"].pop("layers.0.up.lora.V"), r"missing: \['layers\.0\.up\.lora\.V'\]"),
         (lambda p: p["tensors"].update(extra=torch.zeros(2)), r"unexpected: \['extra'\]"),
-        (lambda p: p["tensors"].update({"layers.0.up.lora.V": torch.zeros(3, 3)}), r"layers\.0\.up\.lora\.V: file \(3, 3\)"),
+        (
+            lambda p: p["tensors"].update({"layers.0.up.lora.V": torch.zeros(3, 3)}),
+            r"layers\.0\.up\.lora\.V: file \(3, 3\)",
+        ),
         (lambda p: p.update(version=99), "newer than this loratrf reads"),
         (lambda p: p.update(format="safetensors"), "not a loratrf adapter file"),
         (lambda p: p.update(metadata="{not json"), "metadata is malformed"),

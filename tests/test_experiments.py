@@ -254,9 +254,13 @@ def test_the_papers_studies_hold_their_comparisons():
         "loratrf:v,f1,f2:r8",
         "loratrf:all:r5:fr8",
     )
-    assert {"lora:v,f1,f2:r8", "loratrf:v,f1,f2:r8", "loratrf:v,f1,f2:r8:dot", "loratrf:v,f1,f2:r8:cal", "filters:r8"} <= set(
-        found["ablation"].methods
-    )
+    assert {
+        "lora:v,f1,f2:r8",
+        "loratrf:v,f1,f2:r8",
+        "loratrf:v,f1,f2:r8:dot",
+        "loratrf:v,f1,f2:r8:cal",
+        "filters:r8",
+    } <= set(found["ablation"].methods)
     assert found["demo"].methods == ("full", "lora:all:r8", "loratrf:v,f1,f2:r8")
 
 

@@ -31,7 +31,13 @@ def test_filter_matches_the_papers_equations(dim, rank, alpha, lead, similarity)
     torch.testing.assert_close(f(h), reference_of(f, h), rtol=1e-10, atol=1e-10)
 
 
-@given(st.integers(2, 32), st.integers(1, 6), leading, st.sampled_from(["cosine", "dot"]), st.sampled_from(["normal", "ones"]))
+@given(
+    st.integers(2, 32),
+    st.integers(1, 6),
+    leading,
+    st.sampled_from(["cosine", "dot"]),
+    st.sampled_from(["normal", "ones"]),
+)
 def test_fresh_filter_is_exactly_the_identity(dim, rank, lead, similarity, task_init):
     f = TaskAwareFilter(dim, rank, similarity=similarity, task_init=task_init)
     h = torch.randn(*lead, dim)

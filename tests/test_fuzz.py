@@ -251,6 +251,7 @@ def test_random_trees_and_patterns_never_crash_and_never_half_change(tree, data)
     base_modules = list(model.named_modules(remove_duplicate=False))
     why = expected_refusal(model, targets, filters, trainable, filter_dim, rank)
     event(f"inject: {why or 'done'}")
+
     def call():
         loratrf.inject(model, targets, filters, rank=rank, filter_dim=filter_dim, trainable=trainable)
 

@@ -70,7 +70,9 @@ def test_random_trees_get_exactly_the_matched_modules(tree, data):
     model = nn.Sequential(build(tree))
     names = [n for n, _ in model.named_modules() if n]
     chosen = data.draw(st.lists(st.sampled_from(names), min_size=1, max_size=4))
-    hows = data.draw(st.lists(st.sampled_from(["exact", "digits", "suffix"]), min_size=len(chosen), max_size=len(chosen)))
+    hows = data.draw(
+        st.lists(st.sampled_from(["exact", "digits", "suffix"]), min_size=len(chosen), max_size=len(chosen))
+    )
     patterns = [pattern_for(n, h) for n, h in zip(chosen, hows)]
     matched = [n for n in names if any(re.fullmatch(p, n) for p in patterns)]
     modules = dict(model.named_modules())

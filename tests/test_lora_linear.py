@@ -38,7 +38,14 @@ def test_forward_matches_the_lora_formula(in_f, out_f, rank, alpha, bias, lead, 
     torch.testing.assert_close(layer(x), reference_of(layer, x), rtol=1e-12, atol=1e-12)
 
 
-@given(dims, dims, ranks, st.booleans(), leading, st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]))
+@given(
+    dims,
+    dims,
+    ranks,
+    st.booleans(),
+    leading,
+    st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
+)
 def test_fresh_layer_equals_its_base_exactly(in_f, out_f, rank, bias, lead, dtype):
     base = nn.Linear(in_f, out_f, bias=bias, dtype=dtype)
     layer = LoRALinear.from_linear(base, rank=rank)

@@ -31,7 +31,9 @@ def deberta_v3_base_shape():
     return model
 
 
-ALL_SIX = [r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)_proj|attention\.output\.dense|intermediate\.dense|output\.dense)"]
+ALL_SIX = [
+    r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)_proj|attention\.output\.dense|intermediate\.dense|output\.dense)"
+]
 PAPER = [r"encoder\.layer\.\d+\.(attention\.self\.value_proj|intermediate\.dense|output\.dense)"]
 
 

@@ -21,7 +21,12 @@ BERT = {
     "f1": ["intermediate.dense"],
     "f2": ["output.dense"],
 }
-DEBERTA = {**BERT, "q": ["attention.self.query_proj"], "k": ["attention.self.key_proj"], "v": ["attention.self.value_proj"]}
+DEBERTA = {
+    **BERT,
+    "q": ["attention.self.query_proj"],
+    "k": ["attention.self.key_proj"],
+    "v": ["attention.self.value_proj"],
+}
 LLAMA = {
     "q": ["self_attn.q_proj"],
     "k": ["self_attn.k_proj"],
@@ -31,8 +36,18 @@ LLAMA = {
     "f1": ["mlp.up_proj"],
     "f2": ["mlp.down_proj"],
 }
-GPT2 = {"q": ["attn.c_attn"], "k": ["attn.c_attn"], "v": ["attn.c_attn"], "o": ["attn.c_proj"], "f1": ["mlp.c_fc"], "f2": ["mlp.c_proj"]}
-T5_ENCODER = {m: [f"layer.0.SelfAttention.{m}"] for m in "qkvo"} | {"f1": ["layer.1.DenseReluDense.wi"], "f2": ["layer.1.DenseReluDense.wo"]}
+GPT2 = {
+    "q": ["attn.c_attn"],
+    "k": ["attn.c_attn"],
+    "v": ["attn.c_attn"],
+    "o": ["attn.c_proj"],
+    "f1": ["mlp.c_fc"],
+    "f2": ["mlp.c_proj"],
+}
+T5_ENCODER = {m: [f"layer.0.SelfAttention.{m}"] for m in "qkvo"} | {
+    "f1": ["layer.1.DenseReluDense.wi"],
+    "f2": ["layer.1.DenseReluDense.wo"],
+}
 T5_DECODER = {m: [f"layer.0.SelfAttention.{m}", f"layer.1.EncDecAttention.{m}"] for m in "qkvo"}
 T5_DECODER |= {"f1": ["layer.2.DenseReluDense.wi"], "f2": ["layer.2.DenseReluDense.wo"]}
 
@@ -194,7 +209,9 @@ def test_deberta_v3_base_budgets_are_the_papers():
     base = 128100 * d + 2 * d + 2 * 256 * d + 2 * d  # embeddings, their norm, relative embeddings, their norm
     base += layers * (4 * (d * d + d) + (d * ffn + ffn) + (ffn * d + d) + 2 * 2 * d)
     lora = counts(deberta_v3_base(), presets.LORA_DEBERTA_V3)
-    assert lora.lora == layers * (4 * lora_params(r, d, d) + lora_params(r, d, ffn) + lora_params(r, ffn, d)) == 1_327_104
+    assert (
+        lora.lora == layers * (4 * lora_params(r, d, d) + lora_params(r, d, ffn) + lora_params(r, ffn, d)) == 1_327_104
+    )
     assert (lora.filter, lora.other, lora.base_total) == (0, 0, base)
     loratrf_ = counts(deberta_v3_base(), presets.LORATRF_DEBERTA_V3)
     assert loratrf_.lora == layers * (lora_params(r, d, d) + lora_params(r, d, ffn) + lora_params(r, ffn, d)) == 884_736
@@ -207,16 +224,22 @@ def test_llama_7b_budgets():
     d, ffn, layers, vocab, r = 4096, 11008, 32, 32000, 32
     base = 2 * vocab * d + d + layers * (4 * d * d + 3 * d * ffn + 2 * d)  # no biases, untied head
     lora = counts(llama_7b(), presets.LORA_LLAMA)
-    assert lora.lora == layers * (4 * lora_params(r, d, d) + lora_params(r, d, ffn) + lora_params(r, ffn, d)) == 64_487_424
+    assert (
+        lora.lora == layers * (4 * lora_params(r, d, d) + lora_params(r, d, ffn) + lora_params(r, ffn, d)) == 64_487_424
+    )
     assert (lora.filter, lora.base_total) == (0, base) and base == 6_738_415_616
     loratrf_ = counts(llama_7b(), presets.LORATRF_LLAMA)
-    assert loratrf_.lora == layers * (lora_params(r, d, d) + lora_params(r, d, ffn) + lora_params(r, ffn, d)) == 39_321_600
+    assert (
+        loratrf_.lora == layers * (lora_params(r, d, d) + lora_params(r, d, ffn) + lora_params(r, ffn, d)) == 39_321_600
+    )
     assert loratrf_.filter == layers * filter_params(r, d) == 8_519_680
     assert loratrf_.trainable == 47_841_280
 
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "models.md"
-SNIPPET = re.compile(r'^loratrf\.inject\(model, targets=\[r"([^"]+)"\], filters=\[r"([^"]+)"\]\)  # = (presets\.preset\([^)]*\))$', re.M)
+SNIPPET = re.compile(
+    r'^loratrf\.inject\(model, targets=\[r"([^"]+)"\], filters=\[r"([^"]+)"\]\)  # = (presets\.preset\([^)]*\))$', re.M
+)
 BUILDERS = {"bert": bert_for_classification, "deberta": deberta_v3, "llama": llama, "gpt2": gpt2, "t5": t5_v1_1}
 
 

@@ -107,11 +107,20 @@ INSTEAD = r"Adapt the feed-forward layers instead \(linear1/linear2 of nn\.Trans
     "kwargs, where",
     [
         (dict(targets=[r"encoder\.layers\.\d+\.self_attn\.out_proj"]), "'encoder.layers.0.self_attn.out_proj': "),
-        (dict(targets=[r"decoder\.layers\.1\.multihead_attn\.out_proj"]), "'decoder.layers.1.multihead_attn.out_proj': "),
+        (
+            dict(targets=[r"decoder\.layers\.1\.multihead_attn\.out_proj"]),
+            "'decoder.layers.1.multihead_attn.out_proj': ",
+        ),
         (dict(filters=[r"decoder\.layers\.0\.self_attn\.out_proj"]), "'decoder.layers.0.self_attn.out_proj': "),
         (dict(targets=[r"encoder\.layers\.0\.self_attn"]), "'encoder.layers.0.self_attn' is a MultiheadAttention: "),
-        (dict(targets=[r".*self_attn\.in_proj"]), "encoder.layers.0.self_attn.in_proj_weight is a parameter, not a module: "),
-        (dict(targets=[r".*\.(q|k|v)_proj"]), "encoder.layers.0.self_attn.q_proj_weight is a parameter, not a module: "),
+        (
+            dict(targets=[r".*self_attn\.in_proj"]),
+            "encoder.layers.0.self_attn.in_proj_weight is a parameter, not a module: ",
+        ),
+        (
+            dict(targets=[r".*\.(q|k|v)_proj"]),
+            "encoder.layers.0.self_attn.q_proj_weight is a parameter, not a module: ",
+        ),
     ],
     ids=["out_proj", "cross-attention out_proj", "filter on out_proj", "the attention module", "in_proj", "q_proj"],
 )

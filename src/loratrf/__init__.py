@@ -1,7 +1,7 @@
 """loratrf: LoRA adapters and the task-aware filters of LoRATRF for any torch model.
 
-    import loratrf
-    config = loratrf.inject(model, targets=[r".*\\.value"], filters=[r"encoder\\.layer\\.\\d+"])
+import loratrf
+config = loratrf.inject(model, targets=[r".*\\.value"], filters=[r"encoder\\.layer\\.\\d+"])
 """
 
 from loratrf import presets

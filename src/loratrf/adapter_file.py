@@ -197,7 +197,9 @@ def _module(root: nn.Module, name: str) -> nn.Module:
 
 def _lora_options(layer: LoRALinear) -> dict[str, Any]:
     t = layer.lora
-    return dict(rank=t.rank, alpha=t.alpha, dropout=layer.dropout, init=t.init, rslora=t.rslora, dtype=_dtype_name(t.U.dtype))
+    return dict(
+        rank=t.rank, alpha=t.alpha, dropout=layer.dropout, init=t.init, rslora=t.rslora, dtype=_dtype_name(t.U.dtype)
+    )
 
 
 def _filter_options(task_filter: TaskAwareFilter) -> dict[str, Any]:
@@ -247,7 +249,9 @@ def _expected_shapes(candidates, root, lora, filters, trainable, path) -> dict[s
             problems.append(f"LoRA layer {name!r} (the model has {found} there)")
             continue
         if isinstance(module, LoRALinear) and _lora_options(module) != options:
-            problems.append(f"{name!r} already holds a different LoRA adapter {_lora_options(module)}, the file has {options}")
+            problems.append(
+                f"{name!r} already holds a different LoRA adapter {_lora_options(module)}, the file has {options}"
+            )
             continue
         in_f, out_f = _linear_shape(module)
         shapes[f"{name}.lora.U"], shapes[f"{name}.lora.V"] = (in_f, options["rank"]), (options["rank"], out_f)
@@ -258,7 +262,9 @@ def _expected_shapes(candidates, root, lora, filters, trainable, path) -> dict[s
             continue
         existing = filter_of(module)
         if existing is not None and _filter_options(existing) != options:
-            problems.append(f"{host!r} already holds a different filter {_filter_options(existing)}, the file has {options}")
+            problems.append(
+                f"{host!r} already holds a different filter {_filter_options(existing)}, the file has {options}"
+            )
             continue
         dim, rank = options["dim"], options["rank"]
         prefix = f"{host}.{FILTER_NAME}" if host else FILTER_NAME

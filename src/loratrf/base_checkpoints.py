@@ -16,10 +16,6 @@ def keep_absent_adapter_tensors(module: nn.Module, state_dict: dict, prefix: str
 
     `module.base_parameter_names` lists the parameters that belong to the base model.
     """
-    own = {
-        prefix + name: p
-        for name, p in module.named_parameters()
-        if name not in module.base_parameter_names
-    }
+    own = {prefix + name: p for name, p in module.named_parameters() if name not in module.base_parameter_names}
     if not any(key in state_dict for key in own):
         state_dict.update(own)

@@ -46,7 +46,9 @@ def calibrate_filters(model: nn.Module, *args, **kwargs) -> dict[str, float]:
             handle.remove()
     missing = sorted(set(filters) - set(seen))
     if missing:
-        raise FilterOutputError(f"these filters did not run on the sample batch, so they cannot be calibrated: {missing}")
+        raise FilterOutputError(
+            f"these filters did not run on the sample batch, so they cannot be calibrated: {missing}"
+        )
     return {host: _calibrate(filters[host], seen[host]) for host in filters}
 
 
@@ -56,7 +58,9 @@ def _calibrate(task_filter: TaskAwareFilter, h: Tensor) -> float:
     norms = torch.linalg.vector_norm(tokens, dim=-1)
     live = norms > 0
     if not bool(live.any()):
-        raise FilterOutputError("a filter's host returned only zero vectors on the sample batch; calibrate on real inputs")
+        raise FilterOutputError(
+            "a filter's host returned only zero vectors on the sample batch; calibrate on real inputs"
+        )
     direction = (tokens[live] / norms[live, None]).mean(0)
     direction = direction / torch.linalg.vector_norm(direction).clamp_min(torch.finfo(torch.float64).tiny)
     task_filter.task_vector.copy_(direction / norms[live].mean())

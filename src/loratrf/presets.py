@@ -67,7 +67,14 @@ ARCHITECTURES: dict[str, Architecture] = {
     # GPT-2: q, k and v share one fused Conv1D, `c_attn`.
     "gpt2": Architecture(
         r"(?:.*\.)?h\.\d+",
-        {"q": r"attn\.c_attn", "k": r"attn\.c_attn", "v": r"attn\.c_attn", "o": r"attn\.c_proj", "f1": r"mlp\.c_fc", "f2": r"mlp\.c_proj"},
+        {
+            "q": r"attn\.c_attn",
+            "k": r"attn\.c_attn",
+            "v": r"attn\.c_attn",
+            "o": r"attn\.c_proj",
+            "f1": r"mlp\.c_fc",
+            "f2": r"mlp\.c_proj",
+        },
     ),
     # T5: self- and cross-attention both count as attention; `wi` (or v1.1's `wi_0`, `wi_1`) is W_f1.
     "t5": Architecture(

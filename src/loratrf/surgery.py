@@ -267,7 +267,10 @@ def target_problem(name: str, candidates: Mapping[str, nn.Module], parents) -> s
             f"place would not compute what it computes. LoRA targets must be {SUPPORTED_TARGETS}"
         )
     if "forward" in vars(module):
-        return f"{name!r} has its forward replaced on the instance (a patch or an offloading hook); inject before patching it"
+        return (
+            f"{name!r} has its forward replaced on the instance (a patch or an offloading hook); "
+            "inject before patching it"
+        )
     if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
         return f"{name!r} has hooks registered; inject first, then register the hooks on the injected layer"
     return bypass_problem(name, module, parents)

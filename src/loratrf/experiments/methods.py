@@ -34,7 +34,8 @@ KINDS = ("full", "head", "lora", "loratrf", "filters")
 GRAMMAR = (
     "method specs are 'full', 'head', 'lora:<matrices>:r<rank>', 'loratrf:<matrices>:r<rank>' or 'filters:r<rank>', "
     "with <matrices> from q,k,v,o,f1,f2 joined by commas (or 'all'), optionally followed by ':fr<rank>' "
-    "(the filters' rank), ':dot' (filters' similarity), ':cal' (calibrated task vectors) and ':lr=<float>'; e.g. 'loratrf:v,f1,f2:r8'"
+    "(the filters' rank), ':dot' (filters' similarity), ':cal' (calibrated task vectors) and ':lr=<float>'; "
+    "e.g. 'loratrf:v,f1,f2:r8'"
 )
 ALPHA = 16.0
 # Defaults, the same for every task and not tuned: full fine-tuning at BERT's usual 5e-5, and

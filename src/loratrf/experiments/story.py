@@ -58,15 +58,19 @@ def accuracy(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> fl
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--out", type=Path, default=None, help="where to write the adapter (default: a temporary folder)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where to write the adapter (default: a temporary folder)"
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     data = torch.Generator().manual_seed(0)
     test_tokens, test_labels = batch(1000, data)
 
     model = base_model()
-    print(f"base model: {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"test accuracy {accuracy(model.eval(), test_tokens, test_labels):.3f}")
+    print(
+        f"base model: {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"test accuracy {accuracy(model.eval(), test_tokens, test_labels):.3f}"
+    )
     config = loratrf.inject(
         model,
         targets=[r"encoder\.layers\.\d+\.linear[12]"],
@@ -109,10 +113,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     loratrf.load_adapter(fresh, path)
     with torch.no_grad():
         reload_gap = (fresh.eval()(test_tokens) - unmerged).abs().max().item()
-    print(f"saved {path} ({path.stat().st_size / 1024:.0f} KiB); reloaded into a fresh base model: "
-          f"max |difference| = {reload_gap:.2e}")
-    return {"first_loss": first_loss, "final_loss": loss.item(), "accuracy": trained_acc,
-            "merge_gap": merge_gap, "reload_gap": reload_gap}
+    print(
+        f"saved {path} ({path.stat().st_size / 1024:.0f} KiB); reloaded into a fresh base model: "
+        f"max |difference| = {reload_gap:.2e}"
+    )
+    return {
+        "first_loss": first_loss,
+        "final_loss": loss.item(),
+        "accuracy": trained_acc,
+        "merge_gap": merge_gap,
+        "reload_gap": reload_gap,
+    }
 
 
 if __name__ == "__main__":
