@@ -24,3 +24,11 @@ def filter_reference(h, t, U, V, scale, similarity="cosine"):
     h_tilde = einsum(sim.clamp(0, 1), h, "..., ... d -> ... d")
     T = scale * einsum(U, V, "d r, r e -> d e")
     return h + einsum(h_tilde, T, "... d, d e -> ... e")
+
+
+def lora_magnitude(layer, x):
+    """`|x| |W0|ᵀ + scale (|x| |A|ᵀ) |B|ᵀ + |b|` in float64: the size of the sums a LoRA layer's
+    output adds up, which rounding bounds are relative to (elementwise, `[..., out]`)."""
+    ax, lora = x.double().abs(), layer.lora
+    magnitude = ax @ layer.weight.double().abs().T + lora.scale * (ax @ lora.U.double().abs()) @ lora.V.double().abs()
+    return magnitude if layer.bias is None else magnitude + layer.bias.double().abs()

@@ -13,6 +13,7 @@ from torch import nn
 import loratrf
 from loratrf import LoRALinear
 from models import FILTERS, TARGETS, Net, randomise_adapters
+from reference import lora_magnitude
 
 # unit roundoff u = 2^-(significand bits): half the gap between 1 and the next number
 UNIT = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
@@ -76,10 +77,7 @@ def test_float16_layer_merge_equivalence_within_rounding_bound(in_f, out_f, rank
         layer.lora.V.normal_()
     x = torch.randn(4, in_f).to(torch.float16)
     before = layer(x).double()
-    ax, lora = x.double().abs(), layer.lora
-    magnitude = ax @ layer.weight.double().abs().T + lora.scale * (ax @ lora.U.double().abs()) @ lora.V.double().abs()
-    if bias:
-        magnitude = magnitude + layer.bias.double().abs()
+    magnitude = lora_magnitude(layer, x)
     layer.merge()
     assert ((layer(x).double() - before).abs() <= 4 * UNIT[torch.float16] * magnitude).all()
 
