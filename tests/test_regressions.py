@@ -89,3 +89,14 @@ def test_in_place_ops_on_adapter_outputs_keep_the_gradients(shape):
     want = torch.autograd.grad(torch.relu(hidden + T.scale * (s * hidden) @ T.U @ T.V).sum(), [h, *params])
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # the fused and the plain path
+def test_filter_outputs_are_fresh_tensors_not_views(dtype):
+    """FSDP2 hooks a block's output, and an in-place op on a view of it drops the hook."""
+    task_filter = TaskAwareFilter(8, 2, dtype=dtype)
+    h = torch.randn(2, 3, 8, dtype=dtype, requires_grad=True)
+    out = task_filter(h)
+    assert out._base is None
+    out.relu_().sum().backward()  # in place on the output, then back through the filter
+    assert h.grad is not None

@@ -95,10 +95,7 @@ class TaskAwareFilter(nn.Module):
         T = self.transform
         if fast_path_applies(h, self.task_vector, T.U, T.V):
             return task_filter(h, self.task_vector, T.U, T.V, T.scale, self.similarity == "cosine", self.eps)
-        # The output is a fresh tensor, never a view of one: FSDP2 hooks a sharded block's output,
-        # and an in-place op on a view there drops the hook and breaks the backward.
-        out = h.clone(memory_format=torch.contiguous_format)
-        return T(h, gate=self.relevance(h), residual=out, inplace=True)
+        return T(h, gate=self.relevance(h), residual=h)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, similarity={self.similarity!r}, task_init={self.task_init!r}"

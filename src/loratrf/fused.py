@@ -99,10 +99,10 @@ def add_low_rank(h: Tensor, z: Tensor, V: Tensor, scale: float) -> Tensor:
     return torch.addmm(h, z, V, alpha=scale)
 
 
-def _unviewed(t: Tensor, shape: torch.Size) -> Tensor:
+def unviewed(t: Tensor, shape: torch.Size) -> Tensor:
     """`t` reshaped to `shape` without autograd recording a view (as `F.linear` folds its batch
-    dims): a Function's output must not be a view, or an in-place op on it (`nn.ReLU(inplace=True)`,
-    FSDP2's output hooks) is refused."""
+    dims). An adapter's output must not be a view: autograd refuses an in-place op on a Function's
+    view output (`nn.ReLU(inplace=True)`), and FSDP2's output hooks are lost on a view."""
     return torch.ops.aten._unsafe_view(t, shape)
 
 
@@ -144,7 +144,7 @@ class LoRALinearFunction(torch.autograd.Function):
             y.addmm_(z, V, alpha=scale)
         ctx.save_for_backward(x2, weight, U, V, A, z)
         ctx.scale, ctx.fan_in_fan_out, ctx.fuse, ctx.x_shape = scale, fan_in_fan_out, fuse, x.shape
-        return _unviewed(y, (*x.shape[:-1], y.shape[-1]))
+        return unviewed(y, (*x.shape[:-1], y.shape[-1]))
 
     @staticmethod
     def backward(ctx, g):
@@ -193,7 +193,7 @@ def lora_linear(
         y = _linear(x2, _effective_weight(weight, U, V, A, scale, fan_in_fan_out), bias, fan_in_fan_out)
     else:
         y = _linear(x2, weight, bias, fan_in_fan_out).addmm_(small_mm(x2, A), V, alpha=scale)
-    return _unviewed(y, (*x.shape[:-1], d_out))
+    return unviewed(y, (*x.shape[:-1], d_out))
 
 
 class TaskFilterFunction(torch.autograd.Function):
@@ -215,7 +215,7 @@ class TaskFilterFunction(torch.autograd.Function):
         out = add_low_rank(h2, P[:, :r] * s.unsqueeze(-1), V, scale)
         ctx.save_for_backward(h2, t, M, V, P, n)
         ctx.scale, ctx.cosine, ctx.eps, ctx.h_shape = scale, cosine, eps, h.shape
-        return _unviewed(out, h.shape)
+        return unviewed(out, h.shape)
 
     @staticmethod
     def backward(ctx, g):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loratrf.errors import InjectionError
+from loratrf.fused import unviewed
 
 Init = Literal["kaiming", "gaussian"]
 INITS: tuple[str, ...] = ("kaiming", "gaussian")
@@ -88,7 +89,7 @@ class LowRankTransform(nn.Module):
             residual.view(-1, d_out).addmm_(z2, v, alpha=self.scale)
             return residual
         out = torch.addmm(residual.reshape(-1, d_out), z2, v, alpha=self.scale)
-        return out.view(residual.shape)
+        return unviewed(out, residual.shape)
 
     def delta_weight(self, dtype: torch.dtype) -> Tensor:
         """`scale · U V` of shape `[d_in, d_out]`, computed in `dtype`."""
