@@ -6,10 +6,10 @@ config = loratrf.inject(model, targets=[r".*\\.value"], filters=[r"encoder\\.lay
 
 from loratrf import presets
 from loratrf.adapter_file import adapter_state_dict, load_adapter, save_adapter
-from loratrf.calibration import calibrate_filters
 from loratrf.config import InjectionConfig
 from loratrf.errors import AdapterFileError, FilterOutputError, InjectionError, LoRATRFError, MergeError
 from loratrf.filter import TaskAwareFilter
+from loratrf.gates import GateStats, calibrate_filters, gate_statistics, record_gates
 from loratrf.surgery import inject
 from loratrf.lora import LoRALinear
 from loratrf.low_rank import LowRankTransform
@@ -19,6 +19,7 @@ from loratrf.param_summary import Summary, summary
 __all__ = [
     "AdapterFileError",
     "FilterOutputError",
+    "GateStats",
     "InjectionConfig",
     "InjectionError",
     "LoRALinear",
@@ -29,10 +30,12 @@ __all__ = [
     "TaskAwareFilter",
     "adapter_state_dict",
     "calibrate_filters",
+    "gate_statistics",
     "inject",
     "load_adapter",
     "merge",
     "presets",
+    "record_gates",
     "reset_adapters",
     "save_adapter",
     "summary",
