@@ -7,11 +7,11 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from models import FILTERS, TARGETS, Net
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 import loratrf
-from models import FILTERS, TARGETS, Net
 
 WORLD = 2
 STEPS = 4
