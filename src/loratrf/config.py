@@ -53,11 +53,11 @@ class FilterSpec:
     vector starts (`"normal"` or `"ones"`), `U`'s init, and the adapter's dtype name."""
 
     dim: int
-    rank: int = 8
-    alpha: float = 16.0
+    rank: int = LoRASpec.rank
+    alpha: float = LoRASpec.alpha
     similarity: Similarity = "cosine"
     task_init: TaskInit = "normal"
-    init: Init = "kaiming"
+    init: Init = LoRASpec.init
     adapter_dtype: str | None = None
 
     def __post_init__(self) -> None:
@@ -85,15 +85,15 @@ class InjectionConfig:
 
     targets: tuple[str, ...] = ()
     filters: tuple[str, ...] = ()
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    init: Init = "kaiming"
-    rslora: bool = False
+    rank: int = LoRASpec.rank
+    alpha: float = LoRASpec.alpha
+    dropout: float = LoRASpec.dropout
+    init: Init = LoRASpec.init
+    rslora: bool = LoRASpec.rslora
     filter_rank: int | None = None
     filter_alpha: float | None = None
-    similarity: Similarity = "cosine"
-    task_init: TaskInit = "normal"
+    similarity: Similarity = FilterSpec.similarity
+    task_init: TaskInit = FilterSpec.task_init
     filter_dim: int | None = None
     trainable: tuple[str, ...] = ()
     adapter_dtype: str | None = None

@@ -55,13 +55,13 @@ class LoRALinear(nn.Module):
         self,
         in_features: int,
         out_features: int,
-        rank: int = 8,
-        alpha: float = 16.0,
+        rank: int = LoRASpec.rank,
+        alpha: float = LoRASpec.alpha,
         *,
         bias: bool = True,
-        dropout: float = 0.0,
-        init: Init = "kaiming",
-        rslora: bool = False,
+        dropout: float = LoRASpec.dropout,
+        init: Init = LoRASpec.init,
+        rslora: bool = LoRASpec.rslora,
         fan_in_fan_out: bool = False,
         adapter_dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
@@ -110,7 +110,9 @@ class LoRALinear(nn.Module):
             self.bias.uniform_(-bound, bound)
 
     @classmethod
-    def from_linear(cls, base: nn.Module, rank: int = 8, alpha: float = 16.0, **options) -> LoRALinear:
+    def from_linear(
+        cls, base: nn.Module, rank: int = LoRASpec.rank, alpha: float = LoRASpec.alpha, **options
+    ) -> LoRALinear:
         """Wrap an `nn.Linear` (or HF `Conv1D`), keeping its very weight and bias Parameters.
 
         No base tensor is copied or allocated; the adapter is created on the weight's device.

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loratrf.config import Init, check_low_rank
+from loratrf.config import Init, LoRASpec, check_low_rank
 from loratrf.fused import unviewed
 
 
@@ -33,11 +33,11 @@ class LowRankTransform(nn.Module):
         self,
         d_in: int,
         d_out: int,
-        rank: int = 8,
-        alpha: float = 16.0,
+        rank: int = LoRASpec.rank,
+        alpha: float = LoRASpec.alpha,
         *,
-        init: Init = "kaiming",
-        rslora: bool = False,
+        init: Init = LoRASpec.init,
+        rslora: bool = LoRASpec.rslora,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
