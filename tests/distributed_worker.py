@@ -3,14 +3,15 @@ single-process reference): the same seeded model, batches and optimiser everywhe
 
 import datetime
 
+import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from models import FILTERS, TARGETS, Net
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 import loratrf
-from models import FILTERS, TARGETS, Net
 
 WORLD = 2
 STEPS = 4
@@ -97,17 +98,17 @@ def ddp_run(rank, out):
 
 
 def count_saves(call):
-    real, calls = torch.save, []
+    real, calls = safetensors.torch.save, []
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    torch.save = counting
+    safetensors.torch.save = counting
     try:
         call()
     finally:
-        torch.save = real
+        safetensors.torch.save = real
     return len(calls)
 
 

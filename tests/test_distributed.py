@@ -140,6 +140,6 @@ def test_the_documented_script_runs_under_torchrun(tmp_path):
     losses = [float(x) for x in re.findall(r"loss ([\d.]+)", done.stdout)]
     assert len(losses) >= 2 and losses[-1] < losses[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.pt", "train_adapter.py"]  # no temporary left
-    metadata, tensors = read_adapter_file(tmp_path / "adapter.pt")
-    assert set(metadata["lora"]) == {f"encoder.layers.{i}.linear{j}" for i in range(2) for j in (1, 2)}
+    plan, tensors = read_adapter_file(tmp_path / "adapter.pt")
+    assert set(plan.lora) == {f"encoder.layers.{i}.linear{j}" for i in range(2) for j in (1, 2)}
     assert tensors["head.weight"].shape == (2, 64) and tensors["encoder.layers.0.linear1.lora.U"].shape == (64, 8)

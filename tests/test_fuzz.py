@@ -253,7 +253,7 @@ def test_random_trees_and_patterns_never_crash_and_never_half_change(tree, data)
     event(f"inject: {why or 'done'}")
 
     def call():
-        loratrf.inject(model, targets, filters, rank=rank, filter_dim=filter_dim, trainable=trainable)
+        loratrf.inject(model, targets=targets, filters=filters, rank=rank, filter_dim=filter_dim, trainable=trainable)
 
     assert refuses(call, model) == (why is not None), why
     if why is not None:

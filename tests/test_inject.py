@@ -1,6 +1,5 @@
 import collections
 import copy
-import inspect
 import json
 import re
 
@@ -191,14 +190,24 @@ def test_config_round_trips_through_json_and_redoes_the_injection():
     assert other.layers[0].task_filter.similarity == "dot" and other.layers[0].up.lora.rank == 4
 
 
-def test_inject_defaults_are_the_config_defaults():
-    defaults = {k: p.default for k, p in inspect.signature(loratrf.inject).parameters.items() if k != "model"}
-    config_defaults = {f: InjectionConfig.__dataclass_fields__[f].default for f in defaults}
-    assert {k: tuple(v) if isinstance(v, tuple) else v for k, v in defaults.items()} == config_defaults
+def test_inject_takes_a_config_with_overrides():
+    config = InjectionConfig(targets=TARGETS, filters=FILTERS, rank=4, similarity="dot")
+    model = Net()
+    applied = loratrf.inject(model, config, rank=2, alpha=3.0)
+    assert applied == InjectionConfig(targets=TARGETS, filters=FILTERS, rank=2, alpha=3.0, similarity="dot")
+    layer, task_filter = model.layers[1].up, model.layers[1].task_filter
+    assert (layer.lora.rank, layer.lora.alpha, layer.lora.scale) == (2, 3.0, 1.5)
+    assert (task_filter.transform.rank, task_filter.similarity) == (2, "dot")
+    with pytest.raises(InjectionError, match=r"unknown InjectionConfig option\(s\) \['ranks'\]"):
+        loratrf.inject(Net(), config, ranks=2)
+    with pytest.raises(InjectionError, match="inject's second argument is an InjectionConfig"):
+        loratrf.inject(Net(), TARGETS)
+    with pytest.raises(InjectionError, match="rank must be an integer >= 1, got 0"):
+        loratrf.inject(Net(), config, rank=0)
 
 
 def test_unknown_config_keys_are_named():
-    with pytest.raises(InjectionError, match="unknown injection option.*'ranks'"):
+    with pytest.raises(InjectionError, match="unknown InjectionConfig option.*'ranks'"):
         InjectionConfig.from_dict({"targets": ["x"], "ranks": 4})
 
 
@@ -312,7 +321,7 @@ def test_transformer_encoder_fast_path_cannot_skip_adapters(padding_mask):
     with torch.no_grad():
         torch.testing.assert_close(encoder(x, src_key_padding_mask=mask)[valid], reference[valid])
     torch.testing.assert_close(encoder(x, src_key_padding_mask=mask)[valid].detach(), reference[valid])
-    loratrf.unload(encoder, merge=False)
+    loratrf.unload(encoder, merge=False, keep_filters=False)
     assert all(layer.activation_relu_or_gelu == 1 for layer in encoder.layers) and encoder.use_nested_tensor
 
 

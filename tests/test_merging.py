@@ -82,8 +82,8 @@ def test_unload_with_merge_gives_plain_linears_with_the_same_parameters():
 
 def test_unload_without_merge_restores_the_base_model_exactly():
     base, model = injected()
-    original_value = model.layers[0].value._base_module
-    loratrf.unload(model, merge=False)
+    original_value = model.layers[0].value.base_module
+    loratrf.unload(model, merge=False, keep_filters=False)
     assert model.layers[0].value is original_value
     assert list(model.state_dict()) == list(base.state_dict())
     assert torch.equal(model(ids), base(ids))
@@ -92,7 +92,7 @@ def test_unload_without_merge_restores_the_base_model_exactly():
 def test_unload_after_merge_then_merge_false_takes_the_update_out():
     base, model = injected()
     loratrf.merge(model)
-    loratrf.unload(model, merge=False)
+    loratrf.unload(model, merge=False, keep_filters=False)
     close_through_layers(model(ids), base(ids))
 
 
@@ -124,3 +124,27 @@ def test_merge_and_unload_check_by_default_and_change_nothing_on_failure():
         assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 6
     loratrf.merge(model, safe=False)  # the unchecked merge writes what it computes
     assert torch.isnan(model.layers[1].up.weight).any()
+
+
+@given(st.integers(0, 10_000), st.booleans())
+def test_unload_by_default_keeps_what_a_filtered_model_computes(seed, merge):
+    """The deployment call `unload(model)` keeps trained filters (on the plain modules), so a
+    3-layer LoRATRF model computes what it did; only `keep_filters=False` drops them."""
+    torch.manual_seed(seed)
+    model = Net(layers=3, d=16)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    loratrf.inject(model, targets=TARGETS, filters=FILTERS)
+    randomise_adapters(model)
+    y = model(ids)
+    filters = [layer.task_filter for layer in model.layers]
+    loratrf.unload(model, merge=merge)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert [layer.task_filter for layer in model.layers] == filters
+    if merge:
+        close_through_layers(model(ids), y)
+    loratrf.unload(model, keep_filters=False)
+    assert not any(isinstance(m, TaskAwareFilter) for m in model.modules())
+    if not merge:
+        base = Net(layers=3, d=16)
+        base.load_state_dict(base_state)
+        assert torch.equal(model(ids), base(ids))

@@ -2,6 +2,7 @@
 
 import loratrf
 config = loratrf.inject(model, targets=[r".*\\.value"], filters=[r"encoder\\.layer\\.\\d+"])
+loratrf.inject(other_model, loratrf.presets.LORATRF_DEBERTA_V3, rank=4)
 """
 
 from loratrf import presets
@@ -10,7 +11,7 @@ from loratrf.config import InjectionConfig
 from loratrf.errors import AdapterFileError, FilterOutputError, InjectionError, LoRATRFError, MergeError
 from loratrf.filter import TaskAwareFilter
 from loratrf.gates import GateStats, calibrate_filters, gate_statistics, record_gates
-from loratrf.surgery import inject
+from loratrf.inject import inject
 from loratrf.lora import LoRALinear
 from loratrf.low_rank import LowRankTransform
 from loratrf.merging import merge, reset_adapters, unload, unmerge

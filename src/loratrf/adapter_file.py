@@ -1,10 +1,11 @@
-"""Adapter files: only the adapter tensors plus how to re-inject them, loaded without pickle code.
+"""Adapter files: one safetensors file holding the adapter tensors and, in its metadata, the
+plan that re-injects them. Nothing is unpickled when reading one.
 
-A file is a `torch.save`d dict `{"format", "version", "metadata", "tensors", "sha256"}` where
-`metadata` is a JSON string (`{"lora": {name: options}, "filters": {host: options},
-"trainable": [parameter names]}`), `tensors` maps `model.state_dict()` keys to tensors and
-`sha256` digests the tensors, so damaged bytes are caught, not loaded. It is read with
-`torch.load(weights_only=True)`, which runs no pickled code.
+The tensors are keyed as in `model.state_dict()`. The metadata (safetensors' string map) holds
+`format` ("loratrf-adapter"), `version`, `plan` (the `Plan` as JSON: `{"lora": {name: LoRASpec},
+"filters": {host: FilterSpec}, "trainable": [parameter names]}`) and `sha256`, a digest of the
+plan and the tensors, so damaged bytes anywhere are caught, not loaded. Other tools that read safetensors (and
+`safetensors.torch.load_file`) read the tensors as they are.
 """
 
 from __future__ import annotations
@@ -15,19 +16,22 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
+import safetensors
+import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from loratrf.config import Plan
 from loratrf.errors import AdapterFileError, InjectionError
 from loratrf.filter import FILTER_NAME, TaskAwareFilter, filter_of
-from loratrf.surgery import apply_plan, engine_problem, named_candidates
+from loratrf.inject import apply_plan, engine_problem, named_candidates
 from loratrf.lora import LoRALinear, is_conv1d
+from loratrf.low_rank import LowRankTransform
 from loratrf.walk import named_adapter_parameters, named_filters, named_lora_layers, unwrap
 
 FORMAT = "loratrf-adapter"
-VERSION = 1
+VERSION = 2
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -43,18 +47,19 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return {name: _full_tensor(p.detach()) for name, p in params.items()}
 
 
-def adapter_metadata(model: nn.Module) -> dict[str, Any]:
-    """How to re-inject this model's adapters into a fresh base model, as plain JSON data."""
+def adapter_plan(model: nn.Module) -> Plan:
+    """The plan that re-injects this model's adapters into a fresh base model."""
     adapter_names = {name for name, _ in named_adapter_parameters(model)}
-    return {
-        "lora": {name: _lora_options(layer) for name, layer in named_lora_layers(model)},
-        "filters": {host: _filter_options(f) for host, f in named_filters(model)},
-        "trainable": [n for n, p in unwrap(model).named_parameters() if p.requires_grad and n not in adapter_names],
-    }
+    return Plan(
+        {name: layer.spec for name, layer in named_lora_layers(model)},
+        {host: task_filter.spec for host, task_filter in named_filters(model)},
+        tuple(n for n, p in unwrap(model).named_parameters() if p.requires_grad and n not in adapter_names),
+    )
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the adapter of `model` to `path` atomically (a temporary file, then a rename).
+    """Write the adapter of `model` to `path`, a safetensors file, atomically (a complete
+    temporary file, then a rename: an interrupted save leaves the previous file as it was).
 
     Under `torch.distributed` only rank 0 writes. A sharded (FSDP2) model's adapter is
     gathered first, so there every rank must call this; a DDP model's may be saved by rank 0
@@ -72,20 +77,16 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
     tensors = {name: t.cpu().contiguous() for name, t in tensors.items()}
-    payload = {
-        "format": FORMAT,
-        "version": VERSION,
-        "metadata": json.dumps(adapter_metadata(model)),
-        "tensors": tensors,
-        "sha256": tensors_digest(tensors),
-    }
+    plan = json.dumps(adapter_plan(model).to_dict())
+    metadata = {"format": FORMAT, "version": str(VERSION), "plan": plan, "sha256": adapter_digest(plan, tensors)}
+    data = safetensors.torch.save(tensors, metadata)
     path = Path(path)
     if not path.parent.is_dir():
         raise AdapterFileError(f"cannot write {path}: the folder {path.parent} does not exist; create it first")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -103,11 +104,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     `AdapterFileError` naming them, and leaves the model untouched.
     """
     root = unwrap(model)
-    metadata, tensors = read_adapter_file(path)
+    plan, tensors = read_adapter_file(path)
     candidates = named_candidates(root)
-    lora, filters, trainable = metadata["lora"], metadata["filters"], metadata["trainable"]
-
-    expected = _expected_shapes(candidates, root, lora, filters, trainable, path)
+    expected = _expected_shapes(candidates, root, plan, path)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -123,52 +122,56 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     if wrong:
         raise AdapterFileError(f"{path}: adapter shapes do not fit this model: " + "; ".join(wrong))
 
-    new_lora = {n: _lora_kwargs(o) for n, o in lora.items() if not isinstance(candidates[n], LoRALinear)}
-    new_filters = {h: _filter_kwargs(o) for h, o in filters.items() if filter_of(_module(root, h)) is None}
-    if (new_lora or new_filters) and (problem := engine_problem(model)):
+    new = Plan(
+        {n: spec for n, spec in plan.lora.items() if not isinstance(candidates[n], LoRALinear)},
+        {h: spec for h, spec in plan.filters.items() if filter_of(candidates[h]) is None},
+        plan.trainable,
+    )
+    if (new.lora or new.filters) and (problem := engine_problem(model)):
         raise InjectionError(f"cannot load the adapter into this model: {problem}")
-    apply_plan(root, new_lora, new_filters, trainable)
+    apply_plan(root, new)
     params = dict(root.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for key, tensor in tensors.items():
             _copy_full_tensor(params[key], tensor)
 
 
-def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """`(metadata, tensors)` of an adapter file, checked for format, version and types."""
+def read_adapter_file(path: str | os.PathLike) -> tuple[Plan, dict[str, Tensor]]:
+    """`(plan, tensors)` of an adapter file, checked for format, version, plan and checksum."""
+    if not Path(path).is_file():
+        raise AdapterFileError(f"no adapter file at {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise AdapterFileError(f"no adapter file at {path}") from None
-    except Exception as e:  # torch raises many types for damaged or hostile files
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as e:  # safetensors raises its own and OS errors for damaged or hostile files
         raise AdapterFileError(
-            f"{path} is not a readable loratrf adapter file (truncated, corrupted, or not written by "
-            f"loratrf.save_adapter; loading runs no pickled code): {type(e).__name__}: {e}"
+            f"{path} is not a readable loratrf adapter file (truncated, corrupted, or not a safetensors file "
+            f"written by loratrf.save_adapter): {type(e).__name__}: {e}"
         ) from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise AdapterFileError(f"{path} is not a loratrf adapter file (no '{FORMAT}' format marker)")
-    version = payload.get("version")
-    if not isinstance(version, int) or version > VERSION:
+    if metadata.get("format") != FORMAT:
         raise AdapterFileError(
-            f"{path} has adapter format version {version!r}, newer than this loratrf reads ({VERSION}); upgrade loratrf"
+            f"{path} is a safetensors file but not a loratrf adapter (no '{FORMAT}' format marker in its metadata)"
         )
+    version = metadata.get("version", "")
+    if not version.isdigit() or int(version) != VERSION:
+        raise AdapterFileError(
+            f"{path} has adapter format version {version!r}; this loratrf reads version {VERSION}"
+            + ("; upgrade loratrf" if version.isdigit() and int(version) > VERSION else "")
+        )
+    plan_text = metadata.get("plan", "")
+    if metadata.get("sha256") != adapter_digest(plan_text, tensors):
+        raise AdapterFileError(f"{path}: the plan and tensors do not match the file's checksum; the file is corrupted")
     try:
-        metadata = json.loads(payload["metadata"])
-        lora, filters, trainable = metadata["lora"], metadata["filters"], metadata["trainable"]
-        tensors = payload["tensors"]
-        assert isinstance(lora, dict) and isinstance(filters, dict) and isinstance(trainable, list)
-        assert isinstance(tensors, dict) and all(isinstance(t, Tensor) for t in tensors.values())
-        assert all(isinstance(o, dict) for o in (*lora.values(), *filters.values()))
-    except (KeyError, TypeError, ValueError, AssertionError):
-        raise AdapterFileError(f"{path}: the adapter metadata is malformed") from None
-    if payload.get("sha256") != tensors_digest(tensors):
-        raise AdapterFileError(f"{path}: the tensors do not match the file's checksum; the file is corrupted")
-    return metadata, tensors
+        plan = Plan.from_dict(json.loads(plan_text))
+    except (ValueError, InjectionError) as e:  # json's errors are ValueErrors
+        raise AdapterFileError(f"{path}: the adapter's plan (metadata 'plan') is malformed: {e}") from None
+    return plan, tensors
 
 
-def tensors_digest(tensors: Mapping[str, Tensor]) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
-    digest = hashlib.sha256()
+def adapter_digest(plan: str, tensors: Mapping[str, Tensor]) -> str:
+    """sha256 over the plan's JSON, then every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256(plan.encode())
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -191,87 +194,36 @@ def _copy_full_tensor(param: Tensor, full: Tensor) -> None:
     param.copy_(full)
 
 
-def _module(root: nn.Module, name: str) -> nn.Module:
-    return root.get_submodule(name) if name else root
-
-
-def _lora_options(layer: LoRALinear) -> dict[str, Any]:
-    t = layer.lora
-    return dict(
-        rank=t.rank, alpha=t.alpha, dropout=layer.dropout, init=t.init, rslora=t.rslora, dtype=_dtype_name(t.U.dtype)
-    )
-
-
-def _filter_options(task_filter: TaskAwareFilter) -> dict[str, Any]:
-    t = task_filter.transform
-    return dict(
-        dim=task_filter.dim,
-        rank=t.rank,
-        alpha=t.alpha,
-        similarity=task_filter.similarity,
-        task_init=task_filter.task_init,
-        init=t.init,
-        dtype=_dtype_name(t.U.dtype),
-    )
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _torch_dtype(name: object) -> torch.dtype:
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise AdapterFileError(f"the adapter file names an unknown dtype {name!r}")
-    return dtype
-
-
-def _lora_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
-    options = dict(options)
-    options["adapter_dtype"] = _torch_dtype(options.pop("dtype"))
-    return options
-
-
-def _filter_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
-    options = dict(options)
-    options["dtype"] = _torch_dtype(options["dtype"])
-    return options
-
-
-def _expected_shapes(candidates, root, lora, filters, trainable, path) -> dict[str, tuple[int, ...]]:
-    """Every tensor key the file must hold, with its shape in this model; checks the modules."""
+def _expected_shapes(candidates, root, plan: Plan, path) -> dict[str, tuple[int, ...]]:
+    """Every tensor key the file must hold, with its shape in this model; checks the modules.
+    Shapes are read off the modules the plan would build (on the meta device)."""
     shapes: dict[str, tuple[int, ...]] = {}
     problems = []
-    for name, options in lora.items():
+    for name, spec in plan.lora.items():
         module = candidates.get(name)
         if module is None or not (isinstance(module, (nn.Linear, LoRALinear)) or is_conv1d(module)):
             found = "nothing" if module is None else type(module).__name__
             problems.append(f"LoRA layer {name!r} (the model has {found} there)")
             continue
-        if isinstance(module, LoRALinear) and _lora_options(module) != options:
-            problems.append(
-                f"{name!r} already holds a different LoRA adapter {_lora_options(module)}, the file has {options}"
-            )
+        if isinstance(module, LoRALinear) and module.spec != spec:
+            problems.append(f"{name!r} already holds a different LoRA adapter {module.spec}, the file has {spec}")
             continue
         in_f, out_f = _linear_shape(module)
-        shapes[f"{name}.lora.U"], shapes[f"{name}.lora.V"] = (in_f, options["rank"]), (options["rank"], out_f)
-    for host, options in filters.items():
-        module = candidates.get(host) if host else root
+        lora = LowRankTransform(in_f, out_f, spec.rank, spec.alpha, init=spec.init, device="meta")
+        shapes.update({f"{name}.lora.{k}": tuple(p.shape) for k, p in lora.named_parameters()})
+    for host, spec in plan.filters.items():
+        module = candidates.get(host)
         if module is None:
             problems.append(f"filter host {host!r} (no such module)")
             continue
         existing = filter_of(module)
-        if existing is not None and _filter_options(existing) != options:
-            problems.append(
-                f"{host!r} already holds a different filter {_filter_options(existing)}, the file has {options}"
-            )
+        if existing is not None and existing.spec != spec:
+            problems.append(f"{host!r} already holds a different filter {existing.spec}, the file has {spec}")
             continue
-        dim, rank = options["dim"], options["rank"]
-        prefix = f"{host}.{FILTER_NAME}" if host else FILTER_NAME
-        shapes[f"{prefix}.task_vector"] = (dim,)
-        shapes[f"{prefix}.transform.U"], shapes[f"{prefix}.transform.V"] = (dim, rank), (rank, dim)
+        task_filter = TaskAwareFilter.from_spec(spec, torch.device("meta"), torch.float32)
+        shapes.update({f"{host}.{FILTER_NAME}.{k}": tuple(p.shape) for k, p in task_filter.named_parameters()})
     params = dict(root.named_parameters(remove_duplicate=False))
-    for name in trainable:
+    for name in plan.trainable:
         if name not in params:
             problems.append(f"trainable parameter {name!r} (no such parameter)")
         else:

@@ -1,4 +1,7 @@
-"""InjectionConfig: everything `inject` needs to redo an injection, serialisable to JSON."""
+"""The one source of truth for every option: `InjectionConfig` (what the user asks for), the
+per-module specs `LoRASpec` and `FilterSpec`, and the resolved `Plan` that `inject` applies and
+adapter files store. Every option is checked here, once; the modules trust a validated spec.
+"""
 
 from __future__ import annotations
 
@@ -7,115 +10,127 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from loratrf.errors import InjectionError
-from loratrf.filter import SIMILARITIES, TASK_INITS
-from loratrf.low_rank import INITS
+
+Init = Literal["kaiming", "gaussian"]
+Similarity = Literal["cosine", "dot"]
+TaskInit = Literal["normal", "ones"]
+INITS: tuple[str, ...] = ("kaiming", "gaussian")
+SIMILARITIES: tuple[str, ...] = ("cosine", "dot")
+TASK_INITS: tuple[str, ...] = ("normal", "ones")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASpec:
+    """One LoRA layer: rank `r`, `alpha` (scale `alpha / r`, or `alpha / sqrt(r)` with
+    `rslora`), dropout on the adapter's input, `A`'s init (`"kaiming"` or `"gaussian"`) and the
+    adapter's dtype name (None: float32 beside half-precision weights, else the weight's)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    init: Init = "kaiming"
+    rslora: bool = False
+    adapter_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        check_low_rank(self.rank, self.alpha, self.init)
+        if isinstance(self.dropout, bool) or not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise InjectionError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.rslora, bool):
+            raise InjectionError(f"rslora must be True or False, got {self.rslora!r}")
+        torch_dtype(self.adapter_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterSpec:
+    """One task-aware filter: the width `dim` of the hidden states it filters, the rank and
+    alpha of its `T ≈ U V`, the relevance (`"cosine"`, the paper's, or `"dot"`), how the task
+    vector starts (`"normal"` or `"ones"`), `U`'s init, and the adapter's dtype name."""
+
+    dim: int
+    rank: int = LoRASpec.rank
+    alpha: float = LoRASpec.alpha
+    similarity: Similarity = "cosine"
+    task_init: TaskInit = "normal"
+    init: Init = LoRASpec.init
+    adapter_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_positive_int("filter_dim", self.dim)
+        check_low_rank(self.rank, self.alpha, self.init, prefix="filter_")
+        _check_choice("similarity", self.similarity, SIMILARITIES)
+        _check_choice("task_init", self.task_init, TASK_INITS)
+        torch_dtype(self.adapter_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
 class InjectionConfig:
-    """The arguments of one `loratrf.inject` call; `inject(model, **config.to_dict())` redoes it.
+    """The options of one `loratrf.inject` call; `inject(model, config)` redoes it.
 
     targets: regexes (`re.fullmatch` on qualified module names) of linear layers that get LoRA.
     filters: regexes of modules whose output gets a TaskAwareFilter.
-    rank, alpha, dropout, init, rslora: LoRA's rank `r`, `alpha` (scale `alpha/r`, or
-        `alpha/sqrt(r)` with `rslora`), dropout on the adapter's input, and `A`'s init
-        (`"kaiming"` or `"gaussian"`).
-    filter_rank, filter_alpha: rank and alpha of each filter's `T ≈ U V` (default: LoRA's).
-    similarity: `"cosine"` (the paper) or `"dot"`; task_init: `"normal"` or `"ones"`.
-    filter_dim: width of the filtered hidden states, when it cannot be read off the module.
     trainable: regexes of modules that stay fully trainable (a classifier head, say).
-    adapter_dtype: dtype name of the adapter tensors (default: float32 beside half-precision
+    rank, alpha, dropout, init, rslora: every LoRA layer's `LoRASpec`.
+    filter_rank, filter_alpha: rank and alpha of each filter's `T ≈ U V` (default: LoRA's).
+    similarity, task_init: the filters' relevance and task-vector start (`FilterSpec`).
+    filter_dim: width of the filtered hidden states, when it cannot be read off the module.
+    adapter_dtype: dtype name of every adapter tensor (default: float32 beside half-precision
         weights, else the weight's dtype).
     """
 
     targets: tuple[str, ...] = ()
     filters: tuple[str, ...] = ()
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    init: str = "kaiming"
-    rslora: bool = False
+    rank: int = LoRASpec.rank
+    alpha: float = LoRASpec.alpha
+    dropout: float = LoRASpec.dropout
+    init: Init = LoRASpec.init
+    rslora: bool = LoRASpec.rslora
     filter_rank: int | None = None
     filter_alpha: float | None = None
-    similarity: str = "cosine"
-    task_init: str = "normal"
+    similarity: Similarity = FilterSpec.similarity
+    task_init: TaskInit = FilterSpec.task_init
     filter_dim: int | None = None
     trainable: tuple[str, ...] = ()
     adapter_dtype: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("targets", "filters", "trainable"):
-            patterns = getattr(self, name)
-            if isinstance(patterns, str):
-                patterns = (patterns,)
-            try:
-                patterns = tuple(patterns)
-            except TypeError:
-                raise InjectionError(f"{name} must be a list of regex strings, got {patterns!r}") from None
-            object.__setattr__(self, name, patterns)
-            for pattern in getattr(self, name):
-                _check_pattern(name, pattern)
+            object.__setattr__(self, name, _patterns(name, getattr(self, name)))  # frozen: normalise once
         if not self.targets and not self.filters:
             raise InjectionError("nothing to inject: give `targets` (LoRA) and/or `filters` (task-aware filters)")
-        _check_rank("rank", self.rank)
-        _check_alpha("alpha", self.alpha)
-        if self.filter_rank is not None:
-            _check_rank("filter_rank", self.filter_rank)
-        if self.filter_alpha is not None:
-            _check_alpha("filter_alpha", self.filter_alpha)
-        if self.filter_dim is not None:
-            _check_rank("filter_dim", self.filter_dim)
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise InjectionError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
-        _check_choice("init", self.init, INITS)
-        _check_choice("similarity", self.similarity, SIMILARITIES)
-        _check_choice("task_init", self.task_init, TASK_INITS)
-        if self.adapter_dtype is not None:
-            self.torch_adapter_dtype()
+        self.lora_spec()
+        self.filter_spec(1)
 
-    def torch_adapter_dtype(self) -> torch.dtype | None:
-        if self.adapter_dtype is None:
-            return None
-        dtype = getattr(torch, str(self.adapter_dtype), None)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise InjectionError(
-                f"adapter_dtype must name a floating-point torch dtype such as 'float32', got {self.adapter_dtype!r}"
-            )
-        return dtype
+    def lora_spec(self) -> LoRASpec:
+        """The spec every targeted layer gets."""
+        return LoRASpec(self.rank, self.alpha, self.dropout, self.init, self.rslora, self.adapter_dtype)
 
-    @property
-    def lora_options(self) -> dict[str, Any]:
-        """Keyword arguments of `LoRALinear.from_linear`."""
-        return dict(rank=self.rank, alpha=self.alpha, dropout=self.dropout, init=self.init, rslora=self.rslora)
+    def filter_spec(self, dim: int) -> FilterSpec:
+        """The spec of a filter on hidden states of width `dim` (`filter_dim`, when given, wins)."""
+        rank = self.rank if self.filter_rank is None else self.filter_rank
+        alpha = self.alpha if self.filter_alpha is None else self.filter_alpha
+        dim = dim if self.filter_dim is None else self.filter_dim
+        return FilterSpec(dim, rank, alpha, self.similarity, self.task_init, self.init, self.adapter_dtype)
 
-    @property
-    def filter_options(self) -> dict[str, Any]:
-        """Keyword arguments of `TaskAwareFilter`, less `dim`."""
-        return dict(
-            rank=self.filter_rank or self.rank,
-            alpha=self.filter_alpha or self.alpha,
-            similarity=self.similarity,
-            task_init=self.task_init,
-            init=self.init,
-        )
+    def replace(self, **overrides: Any) -> InjectionConfig:
+        """A copy with `overrides` applied (and validated); an unknown option is an InjectionError."""
+        _check_known(type(self), overrides)
+        return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return _plain(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> InjectionConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InjectionError(f"unknown injection option(s) {unknown}; known options are {sorted(known)}")
+        _check_known(cls, data)
         return cls(**data)
 
     @classmethod
@@ -123,25 +138,113 @@ class InjectionConfig:
         return cls.from_dict(json.loads(text))
 
 
-def _check_pattern(kind: str, pattern: object) -> None:
-    if not isinstance(pattern, str):
-        raise InjectionError(f"{kind} must be regex strings, got {pattern!r} ({type(pattern).__name__})")
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What to inject, by exact names: LoRA layers (`module name -> LoRASpec`), filters
+    (`host module name -> FilterSpec`, `""` for the root) and the base parameters that stay
+    trainable (`model.named_parameters()` names). `inject` resolves a config into a plan;
+    adapter files store the plan of the model they were saved from."""
+
+    lora: Mapping[str, LoRASpec] = dataclasses.field(default_factory=dict)
+    filters: Mapping[str, FilterSpec] = dataclasses.field(default_factory=dict)
+    trainable: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lora": {name: _plain(spec) for name, spec in self.lora.items()},
+            "filters": {host: _plain(spec) for host, spec in self.filters.items()},
+            "trainable": list(self.trainable),
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> Plan:
+        """The plan `to_dict` wrote; anything else is an InjectionError naming what is wrong."""
+        if not isinstance(data, Mapping) or set(data) != {"lora", "filters", "trainable"}:
+            raise InjectionError("a plan is a mapping with exactly the keys 'lora', 'filters' and 'trainable'")
+        lora, filters, trainable = data["lora"], data["filters"], data["trainable"]
+        if not isinstance(lora, Mapping) or not isinstance(filters, Mapping):
+            raise InjectionError("a plan's 'lora' and 'filters' map module names to option mappings")
+        if not isinstance(trainable, list) or not all(isinstance(n, str) for n in trainable):
+            raise InjectionError("a plan's 'trainable' is a list of parameter names")
+        return cls(
+            {_name(n): _spec(LoRASpec, o) for n, o in lora.items()},
+            {_name(h): _spec(FilterSpec, o) for h, o in filters.items()},
+            tuple(trainable),
+        )
+
+
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    """The floating-point torch dtype called `name` (`"float32"`), or None for None."""
+    if name is None:
+        return None
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InjectionError(f"adapter_dtype must name a floating-point torch dtype such as 'float32', got {name!r}")
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_low_rank(rank: object, alpha: object, init: object, prefix: str = "") -> None:
+    """The options of a `LowRankTransform`: rank >= 1, finite alpha > 0, a known init."""
+    _check_positive_int(f"{prefix}rank", rank)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise InjectionError(f"{prefix}alpha must be a finite number > 0, got {alpha!r}")
+    _check_choice("init", init, INITS)
+
+
+def _patterns(kind: str, patterns: object) -> tuple[str, ...]:
+    if isinstance(patterns, str):
+        patterns = (patterns,)
     try:
-        re.compile(pattern)
-    except re.error as e:
-        raise InjectionError(f"{kind} pattern {pattern!r} is not a valid regular expression: {e}") from None
+        patterns = tuple(patterns)
+    except TypeError:
+        raise InjectionError(f"{kind} must be a list of regex strings, got {patterns!r}") from None
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise InjectionError(f"{kind} must be regex strings, got {pattern!r} ({type(pattern).__name__})")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise InjectionError(f"{kind} pattern {pattern!r} is not a valid regular expression: {e}") from None
+    return patterns
 
 
-def _check_rank(name: str, value: object) -> None:
+def _check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InjectionError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def _check_alpha(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise InjectionError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise InjectionError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_known(cls: type, options: Mapping[str, Any]) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise InjectionError(f"unknown {cls.__name__} option(s) {unknown}; known options are {sorted(known)}")
+
+
+def _plain(spec: object) -> dict[str, Any]:
+    """A spec or config as JSON-ready data (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(spec).items()}
+
+
+def _name(name: object) -> str:
+    if not isinstance(name, str):
+        raise InjectionError(f"a plan names modules with strings, got {name!r}")
+    return name
+
+
+def _spec(cls: type, options: object):
+    if not isinstance(options, Mapping):
+        raise InjectionError(f"a {cls.__name__} is a mapping of options, got {options!r}")
+    _check_known(cls, options)
+    try:
+        return cls(**options)
+    except TypeError as e:  # a required option missing
+        raise InjectionError(f"incomplete {cls.__name__} {dict(options)}: {e}") from None

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from loratrf.base_checkpoints import keep_absent_adapter_tensors
-from loratrf.errors import FilterOutputError, InjectionError
+from loratrf.config import FilterSpec, Init, Similarity, TaskInit, dtype_name, torch_dtype
+from loratrf.errors import FilterOutputError
 from loratrf.fused import fast_path_applies, task_filter
-from loratrf.lora import LOW_PRECISION
-from loratrf.low_rank import Init, LowRankTransform
-
-Similarity = Literal["cosine", "dot"]
-TaskInit = Literal["normal", "ones"]
-SIMILARITIES: tuple[str, ...] = ("cosine", "dot")
-TASK_INITS: tuple[str, ...] = ("normal", "ones")
+from loratrf.lora import LOW_PRECISION, default_adapter_dtype
+from loratrf.low_rank import LowRankTransform
 
 
 class TaskAwareFilter(nn.Module):
@@ -41,26 +36,47 @@ class TaskAwareFilter(nn.Module):
     def __init__(
         self,
         dim: int,
-        rank: int = 8,
-        alpha: float = 16.0,
+        rank: int = FilterSpec.rank,
+        alpha: float = FilterSpec.alpha,
         *,
-        similarity: Similarity = "cosine",
-        task_init: TaskInit = "normal",
-        init: Init = "kaiming",
+        similarity: Similarity = FilterSpec.similarity,
+        task_init: TaskInit = FilterSpec.task_init,
+        init: Init = FilterSpec.init,
         eps: float = 1e-8,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if similarity not in SIMILARITIES:
-            raise InjectionError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
-        if task_init not in TASK_INITS:
-            raise InjectionError(f"task_init must be one of {TASK_INITS}, got {task_init!r}")
+        FilterSpec(dim, rank, alpha, similarity, task_init, init)  # validates every option
         self.dim, self.similarity, self.task_init, self.eps = dim, similarity, task_init, eps
         self.task_vector = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))
         self.transform = LowRankTransform(dim, dim, rank, alpha, init=init, device=device, dtype=dtype)
         self.reset_task_vector()
         self.register_load_state_dict_pre_hook(keep_absent_adapter_tensors)
+        self.hook_handle = None  # of the forward hook on the host, while attached
+
+    @classmethod
+    def from_spec(cls, spec: FilterSpec, device: torch.device, host_dtype: torch.dtype) -> TaskAwareFilter:
+        """The filter `spec` describes, beside a host whose parameters are of `host_dtype`."""
+        dtype = torch_dtype(spec.adapter_dtype) or default_adapter_dtype(host_dtype)
+        return cls(
+            spec.dim,
+            spec.rank,
+            spec.alpha,
+            similarity=spec.similarity,
+            task_init=spec.task_init,
+            init=spec.init,
+            device=device,
+            dtype=dtype,
+        )
+
+    @property
+    def spec(self) -> FilterSpec:
+        """This filter's options, as `inject` plans them and adapter files store them."""
+        t = self.transform
+        return FilterSpec(
+            self.dim, t.rank, t.alpha, self.similarity, self.task_init, t.init, dtype_name(self.task_vector.dtype)
+        )
 
     @torch.no_grad()
     def reset_task_vector(self) -> None:
@@ -124,19 +140,18 @@ def filter_host_output(host: nn.Module, args: tuple, output: object) -> object:
 def attach_filter(host: nn.Module, task_filter: TaskAwareFilter) -> None:
     """Register `task_filter` as `host.task_filter` and filter `host`'s output with it."""
     host.add_module(FILTER_NAME, task_filter)
-    host.register_forward_hook(filter_host_output)
+    task_filter.hook_handle = host.register_forward_hook(filter_host_output)
 
 
-def detach_filter(host: nn.Module) -> None:
-    """Undo `attach_filter`: `host` computes its plain output again."""
-    del host._modules[FILTER_NAME]
-    for hook_id, hook in list(host._forward_hooks.items()):
-        if hook is filter_host_output:
-            del host._forward_hooks[hook_id]
-            host._forward_hooks_with_kwargs.pop(hook_id, None)
-            host._forward_hooks_always_called.pop(hook_id, None)
+def detach_filter(host: nn.Module) -> TaskAwareFilter:
+    """Undo `attach_filter`: `host` computes its plain output again. Returns the filter."""
+    task_filter = getattr(host, FILTER_NAME)
+    task_filter.hook_handle.remove()
+    task_filter.hook_handle = None
+    delattr(host, FILTER_NAME)
+    return task_filter
 
 
 def filter_of(host: nn.Module) -> TaskAwareFilter | None:
-    found = host._modules.get(FILTER_NAME)
+    found = getattr(host, FILTER_NAME, None)
     return found if isinstance(found, TaskAwareFilter) else None

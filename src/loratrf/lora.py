@@ -8,10 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from loratrf._torch_internals import hold_unregistered
 from loratrf.base_checkpoints import keep_absent_adapter_tensors
-from loratrf.errors import InjectionError, MergeError
+from loratrf.config import Init, LoRASpec, dtype_name, torch_dtype
+from loratrf.errors import MergeError
 from loratrf.fused import fast_path_applies, lora_linear
-from loratrf.low_rank import Init, LowRankTransform
+from loratrf.low_rank import LowRankTransform
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -53,21 +55,22 @@ class LoRALinear(nn.Module):
         self,
         in_features: int,
         out_features: int,
-        rank: int = 8,
-        alpha: float = 16.0,
+        rank: int = LoRASpec.rank,
+        alpha: float = LoRASpec.alpha,
         *,
         bias: bool = True,
-        dropout: float = 0.0,
-        init: Init = "kaiming",
-        rslora: bool = False,
+        dropout: float = LoRASpec.dropout,
+        init: Init = LoRASpec.init,
+        rslora: bool = LoRASpec.rslora,
         fan_in_fan_out: bool = False,
-        adapter_dtype: torch.dtype | None = None,
+        adapter_dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not 0.0 <= dropout < 1.0:
-            raise InjectionError(f"dropout must be in [0, 1), got {dropout!r}")
+        if isinstance(adapter_dtype, torch.dtype):
+            adapter_dtype = dtype_name(adapter_dtype)
+        LoRASpec(rank, alpha, dropout, init, rslora, adapter_dtype)  # validates every option
         self.in_features, self.out_features = in_features, out_features
         self.fan_in_fan_out = fan_in_fan_out
         self.dropout = float(dropout)
@@ -87,10 +90,16 @@ class LoRALinear(nn.Module):
             init=init,
             rslora=rslora,
             device=device,
-            dtype=adapter_dtype or default_adapter_dtype(self.weight.dtype),
+            dtype=torch_dtype(adapter_dtype) or default_adapter_dtype(self.weight.dtype),
         )
         self.register_load_state_dict_pre_hook(keep_absent_adapter_tensors)
-        self._base_module: nn.Module | None = None
+        hold_unregistered(self, "base_module", None)
+
+    @property
+    def spec(self) -> LoRASpec:
+        """This layer's options, as `inject` plans them and adapter files store them."""
+        t = self.lora
+        return LoRASpec(t.rank, t.alpha, self.dropout, t.init, t.rslora, dtype_name(t.U.dtype))
 
     @torch.no_grad()
     def _reset_base(self) -> None:
@@ -101,11 +110,14 @@ class LoRALinear(nn.Module):
             self.bias.uniform_(-bound, bound)
 
     @classmethod
-    def from_linear(cls, base: nn.Module, rank: int = 8, alpha: float = 16.0, **options) -> LoRALinear:
+    def from_linear(
+        cls, base: nn.Module, rank: int = LoRASpec.rank, alpha: float = LoRASpec.alpha, **options
+    ) -> LoRALinear:
         """Wrap an `nn.Linear` (or HF `Conv1D`), keeping its very weight and bias Parameters.
 
         No base tensor is copied or allocated; the adapter is created on the weight's device.
-        `unload` puts `base` itself back.
+        `unload` puts `base` itself back. `options` are the keyword options of the constructor
+        (`LoRALinear.from_linear(base, **dataclasses.asdict(spec))` builds a `LoRASpec`).
         """
         fan_in_fan_out = is_conv1d(base)
         weight = base.weight
@@ -127,7 +139,7 @@ class LoRALinear(nn.Module):
                 p.requires_grad_(False)
         layer.lora.to_empty(device=weight.device).reset_parameters()
         layer.train(base.training)
-        object.__setattr__(layer, "_base_module", base)  # kept for `unload`, not registered
+        hold_unregistered(layer, "base_module", base)  # for `unload`
         return layer
 
     def base_forward(self, x: Tensor) -> Tensor:

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loratrf.errors import InjectionError
+from loratrf.config import Init, LoRASpec, check_low_rank
 from loratrf.fused import unviewed
-
-Init = Literal["kaiming", "gaussian"]
-INITS: tuple[str, ...] = ("kaiming", "gaussian")
 
 
 def lora_scale(rank: int, alpha: float, rslora: bool = False) -> float:
@@ -37,19 +33,16 @@ class LowRankTransform(nn.Module):
         self,
         d_in: int,
         d_out: int,
-        rank: int = 8,
-        alpha: float = 16.0,
+        rank: int = LoRASpec.rank,
+        alpha: float = LoRASpec.alpha,
         *,
-        init: Init = "kaiming",
-        rslora: bool = False,
+        init: Init = LoRASpec.init,
+        rslora: bool = LoRASpec.rslora,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(rank, int) or rank < 1:
-            raise InjectionError(f"rank must be an integer >= 1, got {rank!r}")
-        if init not in INITS:
-            raise InjectionError(f"init must be one of {INITS}, got {init!r}")
+        check_low_rank(rank, alpha, init)
         self.d_in, self.d_out, self.rank = d_in, d_out, rank
         self.alpha, self.init, self.rslora = float(alpha), init, rslora
         self.scale = lora_scale(rank, alpha, rslora)

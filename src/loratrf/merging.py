@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from loratrf.filter import attach_filter, detach_filter, filter_of
-from loratrf.surgery import parent_map, sync_fast_paths
+from loratrf.inject import parent_map, sync_fused_encoder_paths
 from loratrf.lora import LoRALinear, check_finite
 from loratrf.walk import named_filters, named_lora_layers, unwrap
 
@@ -46,12 +46,15 @@ def reset_adapters(model: nn.Module) -> None:
         task_filter.reset_parameters()
 
 
-def unload(model: nn.Module, merge: bool = True, keep_filters: bool = False, safe: bool = True) -> nn.Module:
+def unload(model: nn.Module, merge: bool = True, keep_filters: bool = True, safe: bool = True) -> nn.Module:
     """Give back plain torch modules: each LoRALinear becomes the module it wrapped.
 
     With `merge=True` the base weights keep the folded updates (checked as `merge(safe=...)`
-    checks them, before anything changes), otherwise they are restored. Filters are removed
-    unless `keep_filters`. The same Parameter objects are kept throughout. Returns `model`.
+    checks them, before anything changes), so the model computes what the trained one did;
+    `merge=False` restores the base weights. Filters depend on the input and cannot be
+    folded, so they stay (on the plain modules) unless `keep_filters=False`, which drops them
+    and so CHANGES the outputs of a model whose filters were trained. The same Parameter
+    objects are kept throughout. Returns `model`.
     """
     root = unwrap(model)
     parents = parent_map(root)
@@ -62,22 +65,20 @@ def unload(model: nn.Module, merge: bool = True, keep_filters: bool = False, saf
         unmerge(root)
     for layer in layers:
         plain = _plain_module(layer)
-        task_filter = filter_of(layer)
-        if task_filter is not None:  # a filter on the layer's output stays on the plain module's
-            detach_filter(layer)
-            attach_filter(plain, task_filter)
+        if filter_of(layer) is not None:  # a filter on the layer's output stays on the plain module's
+            attach_filter(plain, detach_filter(layer))
         for parent, child_name in parents[id(layer)]:
-            parent._modules[child_name] = plain
+            setattr(parent, child_name, plain)
     if not keep_filters:
         for host_name, _ in list(named_filters(root)):
             detach_filter(root.get_submodule(host_name) if host_name else root)
-    sync_fast_paths(root)
+    sync_fused_encoder_paths(root)
     return model
 
 
 def _plain_module(layer: LoRALinear) -> nn.Module:
     """The wrapped module with the layer's current weight and bias, or a new nn.Linear."""
-    plain, weight = layer._base_module, layer.weight
+    plain, weight = layer.base_module, layer.weight
     if plain is None:
         plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         if layer.fan_in_fan_out:  # a [in, out] weight: nn.Linear takes its transposed view

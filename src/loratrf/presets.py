@@ -1,7 +1,8 @@
 """The paper's configurations, and plain LoRA baselines, for common Transformer families.
 
 A preset is an `InjectionConfig`: read it, change it with `dataclasses.replace`, apply it
-with `loratrf.inject(model, **preset.to_dict())`. The paper names six matrices per layer:
+with `loratrf.inject(model, preset)` (options given beside it override the preset's:
+`loratrf.inject(model, preset, rank=4)`). The paper names six matrices per layer:
 `q, k, v` (attention projections), `o` (attention output) and `f1, f2` (the two FFN layers).
 """
 

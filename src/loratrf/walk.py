@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from loratrf._torch_internals import compiled_original
 from loratrf.errors import InjectionError
 from loratrf.filter import FILTER_NAME, TaskAwareFilter
 from loratrf.lora import LoRALinear
@@ -16,8 +17,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise InjectionError(f"expected the model, a torch.nn.Module; got {type(model).__name__}")
     while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
+        if (inner := compiled_original(model)) is not None:
+            model = inner
         elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
         else:

@@ -192,7 +192,7 @@ def prepare(model: nn.Module, method: Method) -> loratrf.InjectionConfig | None:
         similarity=method.similarity,
         trainable=HEAD,
     )
-    loratrf.inject(model, **config.to_dict())
+    loratrf.inject(model, config)
     return config
 
 

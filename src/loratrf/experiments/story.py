@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     folder = args.out or Path(tempfile.mkdtemp(prefix="loratrf-story-"))
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "adapter.pt"
+    path = folder / "adapter.safetensors"
     loratrf.save_adapter(model, path)
     fresh = base_model()
     loratrf.load_adapter(fresh, path)

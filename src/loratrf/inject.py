@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import itertools
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from loratrf.config import InjectionConfig
+from loratrf._torch_internals import (
+    compiled_original,
+    has_hooks,
+    parameter_slots,
+    registered_children,
+    set_fused_encoder_path,
+)
+from loratrf.config import InjectionConfig, Plan
 from loratrf.errors import InjectionError
-from loratrf.filter import TaskAwareFilter, attach_filter, filter_of
-from loratrf.lora import LoRALinear, default_adapter_dtype, is_conv1d
+from loratrf.filter import FILTER_NAME, TaskAwareFilter, attach_filter, filter_of
+from loratrf.lora import LoRALinear, is_conv1d
 from loratrf.walk import named_adapter_parameters, unwrap
 
 SUPPORTED_TARGETS = "nn.Linear (or a subclass that keeps nn.Linear.forward) and Hugging Face's Conv1D (GPT-2)"
@@ -33,126 +41,105 @@ BYPASSING_PARENTS: dict[type[nn.Module], str] = {
 }
 
 
-def inject(
-    model: nn.Module,
-    targets: Sequence[str] = (),
-    filters: Sequence[str] = (),
-    *,
-    rank: int = 8,
-    alpha: float = 16.0,
-    dropout: float = 0.0,
-    init: str = "kaiming",
-    rslora: bool = False,
-    filter_rank: int | None = None,
-    filter_alpha: float | None = None,
-    similarity: str = "cosine",
-    task_init: str = "normal",
-    filter_dim: int | None = None,
-    trainable: Sequence[str] = (),
-    adapter_dtype: str | None = None,
-) -> InjectionConfig:
+def inject(model: nn.Module, config: InjectionConfig | None = None, /, **overrides: Any) -> InjectionConfig:
     """Inject LoRA into the `targets` and task-aware filters on the outputs of the `filters`.
 
-    Every pattern is a regex matched against whole qualified module names (`re.fullmatch`),
-    and must match at least one module. Base parameters keep their names and Parameter
-    objects; afterwards every parameter is frozen except the adapters and the modules matched
-    by `trainable`. The model computes exactly what it computed before. All checks run before
-    anything changes, so a refused call leaves the model untouched. The options are those of
-    `InjectionConfig`, which this returns.
+    `config` is an `InjectionConfig` (a preset, or one returned by an earlier call); keyword
+    `overrides` are its options and replace its values (`inject(model, preset, rank=4)`), or
+    make the whole config (`inject(model, targets=[...], rank=8)`). Every pattern is a regex
+    matched against whole qualified module names (`re.fullmatch`), and must match at least one
+    module. Base parameters keep their names and Parameter objects; afterwards every parameter
+    is frozen except the adapters and the modules matched by `trainable`. The model computes
+    exactly what it computed before. All checks run before anything changes, so a refused call
+    leaves the model untouched. Returns the config applied.
     """
-    config = InjectionConfig(
-        targets=targets,
-        filters=filters,
-        rank=rank,
-        alpha=alpha,
-        dropout=dropout,
-        init=init,
-        rslora=rslora,
-        filter_rank=filter_rank,
-        filter_alpha=filter_alpha,
-        similarity=similarity,
-        task_init=task_init,
-        filter_dim=filter_dim,
-        trainable=trainable,
-        adapter_dtype=adapter_dtype,
-    )
-    problem = engine_problem(model)
-    if problem:
+    if config is None:
+        config = InjectionConfig.from_dict(overrides)
+    elif isinstance(config, InjectionConfig):
+        config = config.replace(**overrides)
+    else:
+        raise InjectionError(
+            f"inject's second argument is an InjectionConfig (a preset, say), got {type(config).__name__}; "
+            "give patterns by keyword: inject(model, targets=[...], filters=[...])"
+        )
+    if problem := engine_problem(model):
         raise InjectionError(f"cannot inject: {problem}")
-    model = unwrap(model)
-    candidates = named_candidates(model)
-    dtype = config.torch_adapter_dtype()
-    lora = {
-        name: {**config.lora_options, "adapter_dtype": dtype}
-        for name in match_patterns("targets", config.targets, candidates)
+    root = unwrap(model)
+    apply_plan(root, _plan(root, config))
+    return config
+
+
+def _plan(root: nn.Module, config: InjectionConfig) -> Plan:
+    """`config` resolved against `root`: exact names, each with its spec."""
+    candidates = named_candidates(root)
+    lora = {name: config.lora_spec() for name in _match("targets", config.targets, candidates)}
+    filters = {
+        name: config.filter_spec(config.filter_dim or _output_width(name, candidates[name]))
+        for name in _match("filters", config.filters, candidates)
     }
-    filter_specs = {
-        name: {"dim": config.filter_dim or infer_width(name, candidates[name]), **config.filter_options, "dtype": dtype}
-        for name in match_patterns("filters", config.filters, candidates)
-    }
-    trainable_modules = match_patterns("trainable", config.trainable, candidates)
-    trainable_params = [
+    trainable_modules = _match("trainable", config.trainable, candidates)
+    _check_trainable_modules(trainable_modules, lora, candidates)
+    trainable = [
         param_name
         for name in trainable_modules
         for param_name, _ in candidates[name].named_parameters(prefix=name, remove_duplicate=False)
     ]
-    apply_plan(model, lora, filter_specs, trainable_params, trainable_modules)
-    return config
+    return Plan(lora, filters, tuple(dict.fromkeys(trainable)))
 
 
-def apply_plan(
-    model: nn.Module,
-    lora: Mapping[str, Mapping[str, Any]],
-    filters: Mapping[str, Mapping[str, Any]],
-    trainable_params: Iterable[str] = (),
-    trainable_modules: Iterable[str] = (),
-) -> None:
-    """Inject by exact module names: `lora` maps names to `LoRALinear.from_linear` options,
-    `filters` maps host names to `TaskAwareFilter` options. Checks everything first."""
-    candidates = named_candidates(model)
-    parents = parent_map(model)
-    problems = [p for name in lora if (p := target_problem(name, candidates, parents))]
-    problems += [p for name in filters if (p := filter_problem(name, candidates, parents))]
-    targets = {id(candidates[name]) for name in lora if name in candidates}
-    for name in trainable_modules:  # by identity: a shared module may be listed under another name
+def _check_trainable_modules(trainable: Sequence[str], lora: Mapping[str, Any], candidates) -> None:
+    """A trainable module may not hold a LoRA layer (by identity: a shared module may be listed
+    under another name)."""
+    targets = {id(candidates[name]) for name in lora}
+    for name in trainable:
         inside = [
             n
             for n, m in candidates[name].named_modules(prefix=name, remove_duplicate=False)
             if id(m) in targets or isinstance(m, LoRALinear)
         ]
         if inside:
-            problems.append(
-                f"trainable module {name!r} holds LoRA layer {inside[0]!r}, whose base weight must stay "
-                "frozen; make a module either trainable or a LoRA target, not both"
+            raise InjectionError(
+                f"cannot inject:\n- trainable module {name!r} holds LoRA layer {inside[0]!r}, whose base weight "
+                "must stay frozen; make a module either trainable or a LoRA target, not both"
             )
+
+
+def apply_plan(root: nn.Module, plan: Plan) -> None:
+    """Inject what `plan` names into `root` (already unwrapped). Checks everything first."""
+    candidates = named_candidates(root)
+    parents = parent_map(root)
+    problems = [p for name in plan.lora if (p := _target_problem(name, candidates, parents))]
+    problems += [p for name in plan.filters if (p := _filter_problem(name, candidates, parents))]
+    params = dict(root.named_parameters(remove_duplicate=False))
+    problems += [
+        f"the model has no parameter named {name!r} to keep trainable" for name in plan.trainable if name not in params
+    ]
     if problems:
         raise InjectionError("cannot inject:\n- " + "\n- ".join(dict.fromkeys(problems)))
 
     replacements: dict[int, LoRALinear] = {}
-    for name, options in lora.items():
+    for name, spec in plan.lora.items():
         module = candidates[name]
         if id(module) not in replacements:
-            new = replacements[id(module)] = LoRALinear.from_linear(module, **options)
+            new = replacements[id(module)] = LoRALinear.from_linear(module, **dataclasses.asdict(spec))
             for parent, child_name in parents[id(module)]:
-                parent._modules[child_name] = new
+                setattr(parent, child_name, new)
     hosts: set[int] = set()  # a module registered under several names gets one filter
-    for name, options in filters.items():
+    for name, spec in plan.filters.items():
         host = candidates[name]
         host = replacements.get(id(host), host)  # a LoRA target's filter goes on its LoRALinear
         if id(host) in hosts:
             continue
         hosts.add(id(host))
-        device, host_dtype = _placement(host, model)
-        options = dict(options)
-        dtype = options.pop("dtype", None) or default_adapter_dtype(host_dtype)
-        attach_filter(host, TaskAwareFilter(**options, device=device, dtype=dtype))
-    sync_fast_paths(model)
-    freeze_base(model, trainable_params)
+        device, host_dtype = _placement(host, root)
+        attach_filter(host, TaskAwareFilter.from_spec(spec, device, host_dtype))
+    sync_fused_encoder_paths(root)
+    _freeze_base(root, plan.trainable)
 
 
 def engine_problem(model: nn.Module) -> str | None:
     """Why adapters added to `model` now would escape its distributed engine, or None."""
-    if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in (model, getattr(model, "_orig_mod", None))):
+    if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in (model, compiled_original(model))):
         return (
             "the model is wrapped in DistributedDataParallel, which synchronises only the parameters "
             "it saw when it was built, so new adapters would train apart on each rank; inject (or "
@@ -175,8 +162,8 @@ def named_candidates(model: nn.Module) -> dict[str, nn.Module]:
     found: dict[str, nn.Module] = {}
 
     def walk(module: nn.Module, prefix: str) -> None:
-        for name, child in module._modules.items():
-            if child is None or isinstance(child, TaskAwareFilter):
+        for name, child in registered_children(module):
+            if isinstance(child, TaskAwareFilter):
                 continue
             qualified = f"{prefix}.{name}" if prefix else name
             found[qualified] = child
@@ -187,7 +174,7 @@ def named_candidates(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def match_patterns(kind: str, patterns: Sequence[str], candidates: Mapping[str, nn.Module]) -> list[str]:
+def _match(kind: str, patterns: Sequence[str], candidates: Mapping[str, nn.Module]) -> list[str]:
     """Names that fully match any pattern, in model order; a pattern matching none is an error."""
     names = list(candidates)
     matched: dict[str, None] = {}
@@ -195,12 +182,12 @@ def match_patterns(kind: str, patterns: Sequence[str], candidates: Mapping[str, 
         regex = re.compile(pattern)
         hits = [name for name in names if regex.fullmatch(name)]
         if not hits:
-            raise InjectionError(no_match_message(kind, pattern, names) + bypassed_parameter_hint(regex, candidates))
+            raise InjectionError(_no_match_message(kind, pattern, names) + _bypassed_parameter_hint(regex, candidates))
         matched.update(dict.fromkeys(hits))
     return [name for name in names if name in matched]
 
 
-def no_match_message(kind: str, pattern: str, names: Sequence[str]) -> str:
+def _no_match_message(kind: str, pattern: str, names: Sequence[str]) -> str:
     message = f"{kind} pattern {pattern!r} matches no module name"
     partial = [name for name in names if re.search(pattern, name)]
     if partial:
@@ -217,11 +204,11 @@ def no_match_message(kind: str, pattern: str, names: Sequence[str]) -> str:
     return message
 
 
-def bypassed_parameter_hint(regex: re.Pattern, candidates: Mapping[str, nn.Module]) -> str:
+def _bypassed_parameter_hint(regex: re.Pattern, candidates: Mapping[str, nn.Module]) -> str:
     """Why a pattern aimed at a weight that a bypassing module holds directly cannot work."""
     for name, module in candidates.items():
-        why = bypass_reason(module)
-        for param_name in module._parameters if why else ():  # with those registered as None
+        why = _bypass_reason(module)
+        for param_name in parameter_slots(module) if why else ():
             if regex.search(f"{name}.{param_name}"):
                 return f". {name}.{param_name} is a parameter, not a module: {why}"
     return ""
@@ -231,25 +218,24 @@ def parent_map(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     """`id(child) -> [(parent, name), ...]` over every place a module is registered."""
     parents: dict[int, list[tuple[nn.Module, str]]] = {}
     for module in model.modules():
-        for name, child in module._modules.items():
-            if child is not None:
-                parents.setdefault(id(child), []).append((module, name))
+        for name, child in registered_children(module):
+            parents.setdefault(id(child), []).append((module, name))
     return parents
 
 
-def bypass_reason(module: nn.Module) -> str | None:
+def _bypass_reason(module: nn.Module) -> str | None:
     """Why `module` is in BYPASSING_PARENTS, or None."""
     return next((why for cls, why in BYPASSING_PARENTS.items() if isinstance(module, cls)), None)
 
 
-def bypass_problem(name: str, module: nn.Module, parents: Mapping[int, list[tuple[nn.Module, str]]]) -> str | None:
+def _bypass_problem(name: str, module: nn.Module, parents: Mapping[int, list[tuple[nn.Module, str]]]) -> str | None:
     for parent, _ in parents.get(id(module), []):
-        if why := bypass_reason(parent):
+        if why := _bypass_reason(parent):
             return f"{name!r}: {why}"
     return None
 
 
-def target_problem(name: str, candidates: Mapping[str, nn.Module], parents) -> str | None:
+def _target_problem(name: str, candidates: Mapping[str, nn.Module], parents) -> str | None:
     """Why the module `name` cannot take a LoRA adapter, or None."""
     module = candidates.get(name)
     if module is None:
@@ -257,7 +243,7 @@ def target_problem(name: str, candidates: Mapping[str, nn.Module], parents) -> s
     kind = type(module).__name__
     if isinstance(module, LoRALinear):
         return f"{name!r} already has a LoRA adapter; inject once per module (loratrf.unload removes adapters)"
-    if why := bypass_reason(module):
+    if why := _bypass_reason(module):
         return f"{name!r} is a {kind}: {why}"
     if not (is_conv1d(module) or isinstance(module, nn.Linear)):
         return f"{name!r} is a {kind}; LoRA targets must be {SUPPORTED_TARGETS}"
@@ -271,24 +257,24 @@ def target_problem(name: str, candidates: Mapping[str, nn.Module], parents) -> s
             f"{name!r} has its forward replaced on the instance (a patch or an offloading hook); "
             "inject before patching it"
         )
-    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
+    if has_hooks(module):
         return f"{name!r} has hooks registered; inject first, then register the hooks on the injected layer"
-    return bypass_problem(name, module, parents)
+    return _bypass_problem(name, module, parents)
 
 
-def filter_problem(name: str, candidates: Mapping[str, nn.Module], parents) -> str | None:
+def _filter_problem(name: str, candidates: Mapping[str, nn.Module], parents) -> str | None:
     """Why the output of the module `name` cannot be filtered, or None."""
     host = candidates.get(name)
     if host is None:
         return f"the model has no module named {name!r}"
     if filter_of(host) is not None:
         return f"{name!r} already has a task-aware filter; inject once per module (loratrf.unload removes filters)"
-    if "task_filter" in vars(host) or "task_filter" in host._parameters or "task_filter" in host._buffers:
-        return f"{name!r} already has an attribute named 'task_filter', where the filter would go"
-    return bypass_problem(name, host, parents)
+    if hasattr(host, FILTER_NAME):
+        return f"{name!r} already has an attribute named {FILTER_NAME!r}, where the filter would go"
+    return _bypass_problem(name, host, parents)
 
 
-def infer_width(name: str, module: nn.Module) -> int:
+def _output_width(name: str, module: nn.Module) -> int:
     """Width of `module`'s output, read off its last linear (or embedding) layer."""
     width = None
     for sub in module.modules():
@@ -314,30 +300,15 @@ def _placement(host: nn.Module, model: nn.Module) -> tuple[torch.device, torch.d
     return torch.device("cpu"), torch.get_default_dtype()
 
 
-# PyTorch's fused encoder paths (eval mode, no grad) read `linear1.weight`, `linear2.weight`
-# and the attention weights directly and skip the submodules' forwards, and the encoder may
-# hand its layers nested tensors. Each switch below turns one off without changing the math.
-FAST_PATH_SWITCHES: dict[type[nn.Module], tuple[str, object]] = {
-    nn.TransformerEncoderLayer: ("activation_relu_or_gelu", 0),
-    nn.TransformerEncoder: ("use_nested_tensor", False),
-}
-
-
-def sync_fast_paths(model: nn.Module) -> None:
-    """Fused fast paths off wherever loratrf modules sit inside, and back on where none are left."""
+def sync_fused_encoder_paths(model: nn.Module) -> None:
+    """PyTorch's fused encoder paths off wherever loratrf modules sit inside (they would skip
+    them), and back on where none are left."""
     for module in model.modules():
-        for cls, (attr, off) in FAST_PATH_SWITCHES.items():
-            if not isinstance(module, cls):
-                continue
-            saved = f"_loratrf_saved_{attr}"
-            if any(isinstance(m, (LoRALinear, TaskAwareFilter)) for m in module.modules()):
-                module.__dict__.setdefault(saved, getattr(module, attr))
-                setattr(module, attr, off)
-            elif saved in module.__dict__:
-                setattr(module, attr, module.__dict__.pop(saved))
+        holds = any(isinstance(m, (LoRALinear, TaskAwareFilter)) for m in module.modules())
+        set_fused_encoder_path(module, enabled=not holds)
 
 
-def freeze_base(model: nn.Module, trainable_params: Iterable[str] = ()) -> None:
+def _freeze_base(model: nn.Module, trainable_params: Sequence[str]) -> None:
     """Only adapters and the named parameters stay trainable."""
     keep = {id(p) for _, p in named_adapter_parameters(model)}
     wanted = set(trainable_params)

@@ -1,0 +1,69 @@
+"""Every access to torch's private internals in loratrf, each with the reason it is needed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import nn
+
+
+def hold_unregistered(module: nn.Module, name: str, value: nn.Module | None) -> None:
+    """`module.<name> = value` without registering `value` as a child. `LoRALinear` keeps the
+    module it wraps for `unload`; registered, its weight would appear twice in `parameters()`
+    and under a second name in `state_dict()`."""
+    object.__setattr__(module, name, value)
+
+
+def registered_children(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every `(name, child)` registered on `module`, a child registered under several names once
+    per name: `named_children()` lists a shared child only under its first name, and injection
+    must see (and replace) it under each."""
+    for name, child in module._modules.items():
+        if child is not None:
+            yield name, child
+
+
+def compiled_original(model: nn.Module) -> nn.Module | None:
+    """The module inside a `torch.compile` wrapper (`OptimizedModule._orig_mod`, which has no
+    public accessor), or None."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else None
+
+
+# PyTorch's fused encoder paths (eval mode, no grad) read `linear1.weight`, `linear2.weight`
+# and the attention weights directly and skip the submodules' forwards, and the encoder may
+# hand its layers nested tensors. Each undocumented switch below turns one off without
+# changing the math: `TransformerEncoderLayer` takes its fast path only when
+# `activation_relu_or_gelu` is set, `TransformerEncoder` builds nested tensors only when
+# `use_nested_tensor` is.
+_FUSED_PATH_SWITCHES: dict[type[nn.Module], tuple[str, object]] = {
+    nn.TransformerEncoderLayer: ("activation_relu_or_gelu", 0),
+    nn.TransformerEncoder: ("use_nested_tensor", False),
+}
+
+
+def set_fused_encoder_path(module: nn.Module, enabled: bool) -> None:
+    """Turn PyTorch's fused encoder path of `module` off (remembering its setting) or back on."""
+    for cls, (attr, off) in _FUSED_PATH_SWITCHES.items():
+        if not isinstance(module, cls):
+            continue
+        saved = f"_loratrf_saved_{attr}"
+        if not enabled:
+            module.__dict__.setdefault(saved, getattr(module, attr))
+            setattr(module, attr, off)
+        elif saved in module.__dict__:
+            setattr(module, attr, module.__dict__.pop(saved))
+
+
+def parameter_slots(module: nn.Module) -> list[str]:
+    """The names of `module`'s own parameters, those registered as None included (as
+    `nn.MultiheadAttention` registers `q_proj_weight` when it packs them): no public API lists
+    an empty slot."""
+    return list(module._parameters)
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether hooks are registered on `module` itself; torch has no public query for it."""
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+    )
