@@ -158,18 +158,20 @@ methods = st.one_of(
         st.none() | st.floats(1e-6, 1.0),
     ),
     st.builds(
-        lambda m, r, fr, s, c: Method("loratrf", m, r, s, filter_rank=fr, start=c),
+        lambda m, r, fr, s, c, g: Method("loratrf", m, r, s, filter_rank=fr, start=c, gate=g),
         st.lists(st.sampled_from(MATRICES), min_size=1, unique=True).map(tuple),
         st.integers(1, 64),
         st.integers(1, 64),
         st.sampled_from(["cosine", "dot"]),
         st.sampled_from(["random", "cal", "con"]),
+        st.sampled_from(["paper", "affine"]),
     ),
     st.builds(
-        lambda r, s, c: Method("filters", rank=r, similarity=s, start=c),
+        lambda r, s, c, g: Method("filters", rank=r, similarity=s, start=c, gate=g),
         st.integers(1, 64),
         st.sampled_from(["cosine", "dot"]),
         st.sampled_from(["random", "cal", "con"]),
+        st.sampled_from(["paper", "affine"]),
     ),
 )
 
@@ -194,6 +196,9 @@ def test_method_specs_read_as_documented():
     assert str(Method.parse("loratrf:con:v")) == "loratrf:v:r8:con"
     assert Method.parse("loratrf:v:r4:con").title == "LoRATRF r=4 (v + filters, contrastive t)"
     assert Method.parse("loratrf:v:random") == Method.parse("loratrf:v")  # the default start
+    assert Method.parse("loratrf:aff:v:con") == Method("loratrf", ("v",), 8, start="con", gate="affine")
+    assert str(Method.parse("filters:aff:cal")) == "filters:r8:cal:aff"
+    assert Method.parse("loratrf:v:con:aff").title == "LoRATRF r=8 (v + filters, contrastive t, affine gate)"
     for bad in (
         "lora",
         "lora:x,y",
@@ -208,6 +213,8 @@ def test_method_specs_read_as_documented():
         "full:cal",
         "lora:v:con",
         "head:con",
+        "lora:v:aff",
+        "full:aff",
         "head:r4",
         "head:v",
     ):

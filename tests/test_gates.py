@@ -309,3 +309,133 @@ def test_calibration_changes_no_output_for_either_start():
     loratrf.calibrate_filters(model, ids, start="contrastive", labels=torch.tensor([0, 1, 0, 1]))
     assert torch.equal(model(ids), before)
     assert F.cosine_similarity(model.layers[0].task_filter.task_vector, model.layers[1].task_filter.task_vector, 0) < 1
+
+
+# --- the affine gate: s = clamp(a · cos(h, t) + b, 0, 1) ----------------------------------
+
+
+def affine_reference(h, t, U, V, scale, a, b):
+    """The filter with the affine gate, written out: s = clamp(a cos(h, t) + b, 0, 1), out = h + (s h) (scale U V)."""
+    h, t, U, V = (x.double() for x in (h, t, U, V))
+    s = (a * F.cosine_similarity(h, t.expand_as(h), dim=-1, eps=1e-8) + b).clamp(0, 1)
+    return h + (s[..., None] * h) @ (scale * U @ V)
+
+
+def trained_pair(dim, rank, dtype=torch.float64):
+    """A paper-gated and an affine-gated filter with the same (trained-looking) tensors."""
+    paper = loratrf.TaskAwareFilter(dim, rank, dtype=dtype)
+    affine = loratrf.TaskAwareFilter(dim, rank, gate="affine", dtype=dtype)
+    with torch.no_grad():
+        paper.transform.V.normal_()
+        affine.load_state_dict({**paper.state_dict(), "gate_scale": affine.gate_scale, "gate_offset": affine.gate_offset})
+    return paper, affine
+
+
+@given(st.integers(2, 24), st.integers(1, 4), st.lists(st.integers(1, 4), max_size=2), st.integers(0, 2**16))
+def test_the_affine_gate_at_a_1_b_0_is_the_papers_gate(dim, rank, lead, seed):
+    torch.manual_seed(seed)
+    paper, affine = trained_pair(dim, rank)
+    h = torch.randn(*lead, dim, dtype=torch.float64) + torch.rand(()) * 3 * paper.task_vector.detach()
+    h1, h2 = h.clone().requires_grad_(), h.clone().requires_grad_()
+    out_paper, out_affine = paper(h1), affine(h2)  # the fused kernel against the plain path
+    torch.testing.assert_close(out_affine, out_paper, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out_paper)
+    (out_paper * g).sum().backward()
+    (out_affine * g).sum().backward()
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-9, atol=1e-9)
+    for name in ("task_vector", "transform.U", "transform.V"):
+        p1, p2 = paper.get_parameter(name), affine.get_parameter(name)
+        torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-9, atol=1e-9)
+
+
+@given(st.floats(0.1, 20.0), st.floats(-2.0, 1.0), st.integers(0, 2**16))
+def test_the_affine_gate_matches_its_formula_and_trains_a_and_b(a, b, seed):
+    torch.manual_seed(seed)
+    _, f = trained_pair(6, 2)
+    with torch.no_grad():
+        f.gate_scale.fill_(a)
+        f.gate_offset.fill_(b)
+    h = torch.randn(3, 4, 6, dtype=torch.float64)
+    expected = affine_reference(h, f.task_vector, f.transform.U, f.transform.V, f.transform.scale, a, b)
+    torch.testing.assert_close(f(h), expected, rtol=1e-10, atol=1e-10)
+    s = (a * F.cosine_similarity(h, f.task_vector.expand_as(h), dim=-1) + b).clamp(0, 1)
+    torch.testing.assert_close(f.relevance(h).squeeze(-1), s, rtol=1e-10, atol=1e-10)
+    f(h).pow(2).sum().backward()
+    inside = ((s > 0) & (s < 1)).any()  # a and b get gradient where some gate is strictly inside (0, 1)
+    assert bool(f.gate_scale.grad != 0) == bool(inside) and bool(f.gate_offset.grad != 0) == bool(inside)
+
+
+def test_the_affine_gate_is_an_injection_option_saved_with_the_adapter(tmp_path):
+    model = Net()
+    config = loratrf.inject(model, targets=TARGETS, filters=FILTERS, gate="affine")
+    task_filter = model.layers[0].task_filter
+    assert config.gate == "affine" and task_filter.spec.gate == "affine"
+    assert {"layers.0.task_filter.gate_scale", "layers.0.task_filter.gate_offset"} <= set(
+        loratrf.adapter_state_dict(model)
+    )
+    assert loratrf.summary(model).filter == 2 * (8 + 2 * 8 * 8 + 2)  # t, U, V, a, b per filter
+    with torch.no_grad():
+        task_filter.gate_scale.fill_(3.0)
+        task_filter.gate_offset.fill_(-0.25)
+    randomise_adapters(model)
+    loratrf.save_adapter(model, tmp_path / "a.safetensors")
+    other = Net()
+    other.load_state_dict(model.state_dict(), strict=False)
+    loratrf.load_adapter(other, tmp_path / "a.safetensors")
+    assert other.layers[0].task_filter.gate == "affine" and other.layers[0].task_filter.gate_scale.item() == 3.0
+    assert torch.equal(other(ids), model(ids))
+    paper = Net()
+    loratrf.inject(paper, filters=FILTERS)
+    assert not hasattr(paper.layers[0].task_filter, "gate_scale")  # the paper's filter holds t, U, V only
+    with pytest.raises(loratrf.InjectionError, match=r"gate must be one of \('paper', 'affine'\), got 'sigmoid'"):
+        loratrf.inject(Net(), filters=FILTERS, gate="sigmoid")
+    with pytest.raises(loratrf.InjectionError, match="gate must be one of"):
+        loratrf.TaskAwareFilter(4, gate="centred")
+
+
+def test_record_gates_reports_the_affine_gate():
+    model = identity_model(4)
+    loratrf.unload(model, keep_filters=False)
+    loratrf.inject(model, filters=["0"], gate="affine")
+    f = model[0].task_filter
+    with torch.no_grad():
+        f.gate_scale.fill_(4.0)
+        f.gate_offset.fill_(-0.5)
+    x = torch.randn(2, 3, 4)
+    with loratrf.record_gates(model) as gates:
+        model(x)
+    expected = (4.0 * F.cosine_similarity(x, f.task_vector.expand_as(x), dim=-1) - 0.5).clamp(0, 1)
+    torch.testing.assert_close(gates["0"][0], expected)
+
+
+def test_gate_range_maps_the_cosine_quantiles_onto_the_gates_range():
+    model = nn.Sequential(nn.Linear(2, 2, bias=False))
+    loratrf.inject(model, filters=["0"], gate="affine")
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(2))
+    # unit tokens at angles whose cosines with the mean direction t = e1 are 1, 0.8, 0.6, 0.4, 0.2, 0
+    cosines = torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2, 0.0])
+    tokens = torch.stack([cosines, (1 - cosines**2).sqrt()], -1)
+    tokens = torch.cat([tokens, tokens * torch.tensor([1.0, -1.0])])  # mirrored, so the mean direction is e1
+    live = loratrf.calibrate_filters(model, tokens, gate_range=(0.25, 0.75))
+    f = model[0].task_filter
+    torch.testing.assert_close(f.task_vector, torch.tensor([1.0, 0.0]))  # mean norm 1
+    low, high = torch.quantile(torch.cat([cosines, cosines]), torch.tensor([0.25, 0.75]))  # 0.2 and 0.8
+    torch.testing.assert_close(f.gate_scale, 1 / (high - low))
+    torch.testing.assert_close(f.gate_offset, -low / (high - low))
+    s = f.relevance(tokens).squeeze(-1)
+    torch.testing.assert_close(s[:6], ((cosines - 0.2) / 0.6).clamp(0, 1))
+    assert live == {"0": pytest.approx(8 / 12)}  # the cosines above 0.2: 1, 0.8, 0.6, 0.4, twice
+
+
+def test_gate_range_is_refused_where_it_cannot_apply():
+    paper = identity_model()
+    x = torch.randn(4, 3)
+    with pytest.raises(FilterOutputError, match=r"the filters on \['0'\] have the paper's gate.*gate='affine'"):
+        loratrf.calibrate_filters(paper, x, gate_range=(0.5, 0.95))
+    affine = nn.Sequential(nn.Linear(3, 3))
+    loratrf.inject(affine, filters=["0"], gate="affine")
+    for bad in ((0.9, 0.5), (0.5,), (-0.1, 0.5), (0.5, 1.5), "wide", (True, 0.5)):
+        with pytest.raises(FilterOutputError, match=r"gate_range must be two quantiles \(q0, q1\) with 0 <= q0 < q1 <= 1"):
+            loratrf.calibrate_filters(affine, x, gate_range=bad)
+    assert affine[0].task_filter.gate_scale.item() == 1.0  # refusals change nothing

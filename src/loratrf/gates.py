@@ -168,6 +168,7 @@ def calibrate_filters(
     start: str = "mean",
     labels: Tensor | None = None,
     token_mask: Tensor | None = None,
+    gate_range: tuple[float, float] | None = None,
     **kwargs,
 ) -> dict[str, float]:
     """Run `model(*args, **kwargs)` once, without grad and in eval mode, and set every filter's
@@ -181,9 +182,15 @@ def calibrate_filters(
       more the leading principal direction of the centred `m_c`, signed so that the class
       furthest from the others along it lies on its positive side.
 
+    `gate_range=(q0, q1)` (filters with `gate="affine"` only) also sets each gate's scale and
+    offset so that `s = clamp(a · cos(h, t) + b, 0, 1)` is 0 at the `q0` quantile of the tokens'
+    cosines and 1 at the `q1` quantile: about a share `1 - q0` of tokens opens, and `s` spreads
+    over [0, 1] instead of the few hundredths a single direction's cosine reaches in hundreds
+    of dimensions. Without it, `a` and `b` are left as they are.
+
     `token_mask` (the shape of `h` without its last dimension; an attention mask, say) keeps
     padding out. Returns, per filter host, the share of those tokens whose gate is open
-    (`s > 0`) afterwards. Only `t` changes and the filters are still the identity (`V = 0`
+    (`s > 0`) afterwards. Only the gates change and the filters are still the identity (`V = 0`
     until trained), so the model's outputs do not change.
     """
     if start not in STARTS:
@@ -204,6 +211,8 @@ def calibrate_filters(
                 "sentences of at least two classes in the batch"
             )
     filters = _filters_of(model, "calibrate")
+    if gate_range is not None:
+        _check_gate_range(gate_range, filters)
     seen: dict[str, Tensor] = {}
     handles = [
         f.register_forward_pre_hook(lambda _, inputs, host=host: seen.setdefault(host, inputs[0].detach()))
@@ -223,10 +232,24 @@ def calibrate_filters(
         raise FilterOutputError(
             f"these filters did not run on the sample batch, so they cannot be calibrated: {missing}"
         )
-    return {
-        host: _calibrate(filters[host], host, seen[host], _token_mask(host, seen[host], token_mask), labels)
-        for host in filters
-    }
+    # every check runs before any filter changes
+    starts = {host: _task_vector(host, seen[host], _token_mask(host, seen[host], token_mask), labels) for host in filters}
+    return {host: _set_gate(filters[host], seen[host], t, live, gate_range) for host, (t, live) in starts.items()}
+
+
+def _check_gate_range(gate_range: object, filters: Mapping[str, TaskAwareFilter]) -> None:
+    ok = isinstance(gate_range, (tuple, list)) and len(gate_range) == 2
+    ok = ok and all(isinstance(q, (int, float)) and not isinstance(q, bool) for q in gate_range)
+    if not ok or not 0.0 <= gate_range[0] < gate_range[1] <= 1.0:
+        raise FilterOutputError(
+            f"gate_range must be two quantiles (q0, q1) with 0 <= q0 < q1 <= 1, such as (0.5, 0.95); got {gate_range!r}"
+        )
+    paper = sorted(host for host, f in filters.items() if f.gate != "affine")
+    if paper:
+        raise FilterOutputError(
+            f"gate_range sets the scale and offset of affine gates, but the filters on {paper} have the paper's "
+            "gate, which has neither; inject with gate='affine' (or drop gate_range)"
+        )
 
 
 def _token_mask(host: str, h: Tensor, token_mask: Tensor | None) -> Tensor:
@@ -251,8 +274,8 @@ def _token_labels(host: str, h: Tensor, labels: Tensor) -> Tensor:
     return labels.to(h.device).reshape(*labels.shape, *([1] * (h.ndim - 1 - k))).expand(h.shape[:-1])
 
 
-@torch.no_grad()
-def _calibrate(task_filter: TaskAwareFilter, host: str, h: Tensor, mask: Tensor, labels: Tensor | None) -> float:
+def _task_vector(host: str, h: Tensor, mask: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The calibrated task vector (float64) and which tokens count (real and non-zero)."""
     tokens = rearrange(h, "... d -> (...) d").double()
     norms = torch.linalg.vector_norm(tokens, dim=-1)
     live = (norms > 0) & mask.reshape(-1)
@@ -275,8 +298,22 @@ def _calibrate(task_filter: TaskAwareFilter, host: str, h: Tensor, mask: Tensor,
         means = torch.stack([units[token_labels == c].mean(0) for c in classes])  # [classes, d]
         direction = _separating_direction(means)
     direction = direction / torch.linalg.vector_norm(direction).clamp_min(torch.finfo(torch.float64).tiny)
-    task_filter.task_vector.copy_(direction / norms[live].mean())
-    s = task_filter.relevance(h).squeeze(-1).reshape(-1)[mask.reshape(-1)]
+    return direction / norms[live].mean(), live
+
+
+@torch.no_grad()
+def _set_gate(
+    task_filter: TaskAwareFilter, h: Tensor, t: Tensor, live: Tensor, gate_range: tuple[float, float] | None
+) -> float:
+    """Set `t` (and with `gate_range`, the gate's scale and offset); the share of open gates."""
+    task_filter.task_vector.copy_(t)
+    if gate_range is not None:
+        cosines = task_filter.similarity_to_task(h).reshape(-1)[live].double()
+        low, high = torch.quantile(cosines, torch.tensor(gate_range, dtype=torch.float64, device=cosines.device))
+        scale = 1.0 / (high - low).clamp_min(torch.finfo(torch.float32).eps)
+        task_filter.gate_scale.fill_(scale.item())
+        task_filter.gate_offset.fill_((-low * scale).item())
+    s = task_filter.relevance(h).reshape(-1)[live]
     return (s > 0).double().mean().item()
 
 

@@ -25,7 +25,15 @@ import loratrf
 from loratrf.experiments.backbone import Backbone
 from loratrf.experiments.data import TASKS, load_source, split
 from loratrf.experiments.gate_stats import probe
-from loratrf.experiments.methods import CALIBRATION_STARTS, MATRICES, Method, lora_cost, prepare, rank_for_budget
+from loratrf.experiments.methods import (
+    CALIBRATION_STARTS,
+    GATE_RANGE,
+    MATRICES,
+    Method,
+    lora_cost,
+    prepare,
+    rank_for_budget,
+)
 from loratrf.experiments.training import Encoded, TrainingConfig, correct, pad, train
 
 try:
@@ -206,8 +214,15 @@ class Runner:
             input_ids, mask = pad(train_data.ids[rows], self.backbone.pad_id)
             how = CALIBRATION_STARTS[spec.method.start]
             labels = train_data.labels[rows] if how == "contrastive" else None
+            gate_range = GATE_RANGE if spec.method.gate == "affine" else None
             open_gates = loratrf.calibrate_filters(
-                model, input_ids=input_ids, attention_mask=mask, start=how, labels=labels, token_mask=mask
+                model,
+                input_ids=input_ids,
+                attention_mask=mask,
+                start=how,
+                labels=labels,
+                token_mask=mask,
+                gate_range=gate_range,
             )
         if spec.method.filters:
             source = task.tests[0]
