@@ -113,9 +113,11 @@ def test_the_hooks_go_even_when_the_forward_fails():
 
 
 def test_record_gates_refuses_a_model_without_filters():
-    with pytest.raises(FilterOutputError, match="no task-aware filters to record; inject filters first"):
-        with loratrf.record_gates(Net()):
-            pass
+    with (
+        pytest.raises(FilterOutputError, match="no task-aware filters to record; inject filters first"),
+        loratrf.record_gates(Net()),
+    ):
+        pass
 
 
 # --- gate_statistics --------------------------------------------------------------------
@@ -297,7 +299,11 @@ def test_the_contrastive_start_refuses_labels_it_cannot_use():
         loratrf.calibrate_filters(model, x, token_mask=torch.ones(4))
     with pytest.raises(FilterOutputError, match="the real tokens reaching '0' belong to one class only"):
         loratrf.calibrate_filters(
-            model, x, start="contrastive", labels=torch.tensor([0, 1, 0, 1]), token_mask=torch.tensor([[1, 1], [0, 0]] * 2)
+            model,
+            x,
+            start="contrastive",
+            labels=torch.tensor([0, 1, 0, 1]),
+            token_mask=torch.tensor([[1, 1], [0, 0]] * 2),
         )
     assert torch.equal(model[0].task_filter.task_vector, before)  # refusals change nothing
 
@@ -327,7 +333,9 @@ def trained_pair(dim, rank, dtype=torch.float64):
     affine = loratrf.TaskAwareFilter(dim, rank, gate="affine", dtype=dtype)
     with torch.no_grad():
         paper.transform.V.normal_()
-        affine.load_state_dict({**paper.state_dict(), "gate_scale": affine.gate_scale, "gate_offset": affine.gate_offset})
+        affine.load_state_dict(
+            {**paper.state_dict(), "gate_scale": affine.gate_scale, "gate_offset": affine.gate_offset}
+        )
     return paper, affine
 
 
@@ -436,6 +444,8 @@ def test_gate_range_is_refused_where_it_cannot_apply():
     affine = nn.Sequential(nn.Linear(3, 3))
     loratrf.inject(affine, filters=["0"], gate="affine")
     for bad in ((0.9, 0.5), (0.5,), (-0.1, 0.5), (0.5, 1.5), "wide", (True, 0.5)):
-        with pytest.raises(FilterOutputError, match=r"gate_range must be two quantiles \(q0, q1\) with 0 <= q0 < q1 <= 1"):
+        with pytest.raises(
+            FilterOutputError, match=r"gate_range must be two quantiles \(q0, q1\) with 0 <= q0 < q1 <= 1"
+        ):
             loratrf.calibrate_filters(affine, x, gate_range=bad)
     assert affine[0].task_filter.gate_scale.item() == 1.0  # refusals change nothing

@@ -1,15 +1,18 @@
 """The filters' gates: record them (`record_gates`), summarise them (`gate_statistics`), and
 choose where they start (`calibrate_filters`).
 
-A filter's gate is `s = clamp(cos(h, t), 0, 1)` per token. How it starts decides what the filter
-can learn: where `s = 0` for every token, `t`, `U` and `V` get exactly zero gradient and the
-filter stays the identity; where `s` is small everywhere, the filter's update is scaled down
-with it. `calibrate_filters` offers two starts for `t` (docs/method.md measures both):
+A filter's gate is `s = clamp(cos(h, t), 0, 1)` per token (`clamp(a · cos(h, t) + b, 0, 1)` with
+`gate="affine"`). How it starts decides what the filter can learn: where `s = 0` for every
+token, `t`, `U` and `V` get exactly zero gradient and the filter stays the identity; where `s`
+is small everywhere, the filter's update is scaled down with it. `calibrate_filters` offers
+(docs/method.md measures each):
 
-- `start="mean"`: the mean direction of the host's tokens, so nearly every gate is open;
-- `start="contrastive"`: the direction that separates the classes of a labelled batch in the
-  host's hidden states (representation engineering, Zou et al. 2023), so the tokens of one
-  class's sentences get the larger `s`.
+- `start="mean"`: `t` along the mean direction of the host's tokens, so nearly every gate opens;
+- `start="contrastive"`: `t` along the direction that separates the classes of a labelled
+  batch in the host's hidden states (representation engineering, Zou et al. 2023), so the
+  tokens of one class's sentences get the larger `s`;
+- `gate_range=(q0, q1)`, for affine gates: `a` and `b` such that `s` runs from 0 to 1 between
+  those quantiles of the tokens' cosines.
 """
 
 from __future__ import annotations
@@ -233,7 +236,9 @@ def calibrate_filters(
             f"these filters did not run on the sample batch, so they cannot be calibrated: {missing}"
         )
     # every check runs before any filter changes
-    starts = {host: _task_vector(host, seen[host], _token_mask(host, seen[host], token_mask), labels) for host in filters}
+    starts = {
+        host: _task_vector(host, seen[host], _token_mask(host, seen[host], token_mask), labels) for host in filters
+    }
     return {host: _set_gate(filters[host], seen[host], t, live, gate_range) for host, (t, live) in starts.items()}
 
 

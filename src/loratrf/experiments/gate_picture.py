@@ -55,8 +55,15 @@ def draw(gates: Mapping, title: str, path: Path) -> Path | None:
             image = ax.imshow(values, cmap="magma", norm=norm, aspect="auto", interpolation="nearest")
             for y, layer in enumerate(values):  # the value in each cell, small
                 for x, v in enumerate(layer):
-                    ax.text(x, y, f"{v:.2f}"[1:] if v < 1 else "1", ha="center", va="center", fontsize=5.5,
-                            color="black" if norm(v) > 0.55 else "white")
+                    ax.text(
+                        x,
+                        y,
+                        f"{v:.2f}"[1:] if v < 1 else "1",
+                        ha="center",
+                        va="center",
+                        fontsize=5.5,
+                        color="black" if norm(v) > 0.55 else "white",
+                    )
             ax.set_xticks(range(len(words)))
             ax.set_xticklabels(words, rotation=40, ha="right", fontsize=7)
             ax.set_yticks(range(len(hosts)))

@@ -141,7 +141,8 @@ def first_gate_run(runs: Sequence[Mapping], method: str) -> Mapping | None:
 
 def summary_line(gates: Mapping) -> str:
     """Where the gates were measured, and their per-layer ranges at the start and after training."""
-    line = f"on {gates['sentences']} {gates['source']} test sentences (real tokens only): at the start {ranges(gates, 'start')}"
+    line = f"on {gates['sentences']} {gates['source']} test sentences (real tokens only): "
+    line += f"at the start {ranges(gates, 'start')}"
     if "trained" in gates:
         line += f"; after training {ranges(gates, 'trained')}"
     return line
@@ -162,8 +163,10 @@ def gate_lines(
         lines += [
             f"#### gates: {run['title']}",
             "",
-            f"Seed {run['seed']}, {summary_line(gates)}. Spread: the std of s across a sentence's tokens, "
-            f"averaged over sentences; s by class: the mean s of the tokens of {classes} sentences.",
+            (
+                f"Seed {run['seed']}, {summary_line(gates)}. Spread: the std of s across a sentence's tokens, "
+                f"averaged over sentences; s by class: the mean s of the tokens of {classes} sentences."
+            ),
             "",
             *gate_table(gates),
             "",

@@ -82,8 +82,8 @@ def studies(base: nn.Module, ranks: Sequence[int] = RANKS) -> dict[str, Study]:
         "ablation": Study(
             "Filter ablations at the same LoRA targets (v,f1,f2, r=8): without filters, with cosine "
             "filters, with dot-product filters, with task vectors calibrated on the first "
-            f"{CALIBRATION_SENTENCES} training sentences (`loratrf.calibrate_filters`) instead of random, filters alone, the head alone; and "
-            "the all-six LoRA baseline",
+            f"{CALIBRATION_SENTENCES} training sentences (`loratrf.calibrate_filters`) instead of random, "
+            "filters alone, the head alone; and the all-six LoRA baseline",
             (
                 "lora:v,f1,f2:r8",
                 PAPER_LORATRF,

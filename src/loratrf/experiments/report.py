@@ -214,9 +214,7 @@ def _noise_bands(ax, methods: list[str], groups: list[tuple[str, str]], agg: Map
         band = max(gap_and_band(other, ref, source)[1] for other in others)
         mean = 100 * ref["test"][source][0]
         label = None if labelled else f"noise band around {Method.parse(reference).title} (±{band:.1f})"
-        ax.fill_between(
-            [g - 0.45, g + 0.45], mean - band, mean + band, color="grey", alpha=0.25, zorder=3, label=label
-        )
+        ax.fill_between([g - 0.45, g + 0.45], mean - band, mean + band, color="grey", alpha=0.25, zorder=3, label=label)
         for y in (mean - band, mean + band):
             ax.plot([g - 0.45, g + 0.45], [y, y], color="black", linestyle="--", linewidth=0.7, zorder=3)
         labelled = True
