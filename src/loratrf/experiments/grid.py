@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover
 PAPER_LORA = "lora:all:r8"  # the paper's LoRA baseline: r=8 on all six matrices
 PAPER_LORATRF = "loratrf:v,f1,f2:r8"  # the paper's DeBERTa setup: r=8 on W_v, W_f1, W_f2, filters on every layer
 RANKS = (4, 8, 16, 32)
-STUDY_NAMES = ("demo", "rank", "module", "ablation", "domains", "trec")
+STUDY_NAMES = ("demo", "rank", "module", "ablation", "domains", "trec", "starts")
 # Figure 2's question: which matrices to adapt, at the LoRA budget of the paper's setup.
 MODULE_CHOICES = (("q", "v"), ("q", "k", "v", "o"), ("f1", "f2"), ("o", "f1", "f2"), ("v", "f1", "f2"), MATRICES)
 CALIBRATION_SENTENCES = 256  # ':cal' and ':con' set the task vectors from the first training sentences
@@ -102,6 +102,14 @@ def studies(base: nn.Module, ranks: Sequence[int] = RANKS) -> dict[str, Study]:
             ("transfer", "tweets", "amazon", "nyt"),
         ),
         "trec": Study("Multi-class: TREC question type (6 classes)", main, ("trec",)),
+        "starts": Study(
+            "Where the filters' gates start (docs/method.md), at the same LoRA targets (v,f1,f2, r=8): "
+            "random task vectors (the paper's form), the contrastive direction (':con') and the mean direction "
+            "(':cal'), each also with the affine gate (':aff'); the affine gate alone; and LoRA without filters",
+            tuple(f"{PAPER_LORATRF}{suffix}" for suffix in ("", ":con", ":con:aff", ":cal", ":cal:aff", ":aff"))
+            + ("lora:v,f1,f2:r8",),
+            ("movies",),
+        ),
     }
     return found
 
