@@ -53,7 +53,7 @@ from loratrf.walk import named_filters, named_lora_layers
 # The adapter file's name. save_adapter is to write safetensors, and the file will then be
 # named "adapter.safetensors"; until load_adapter reads that format back, torch.load
 # misreads the suffix, so the test writes "adapter.pt".
-ADAPTER_FILE = "adapter.pt"
+ADAPTER_FILE = "adapter.safetensors"
 
 D_IN, D, FFN, D_OUT = 5, 6, 7, 4  # all different, so a transposed factor cannot pass
 BATCH, SEQ = 2, 3
@@ -395,8 +395,7 @@ class AdapterLifecycle(RuleBasedStateMachine):
     ):
         shadow, (targets, hosts) = self.shadow, modules
         reasons = [f"{t} already has LoRA" for t in targets if t in shadow.lora]
-        # a plain Linear carrying a filter (kept by unload) has a forward hook: refused as a target
-        reasons += [f"{t} has a filter hook" for t in targets if t in shadow.filters and t not in shadow.lora]
+        # a plain Linear carrying a filter (kept by unload) can be a target again: its filter moves over
         reasons += [f"{h} already has a filter" for h in hosts if h in shadow.filters]
         if "head" in trainable and ("head" in targets or "head" in shadow.lora):
             reasons.append("head both trainable and a LoRA layer")
@@ -631,8 +630,9 @@ TestAdapterLifecycle.settings = settings(stateful_step_count=12, deadline=None)
 def test_load_adapter_into_merged_layers_keeps_their_weights_consistent(tmp_path):
     """load_adapter into a model that already holds the file's LoRA layer, merged: either a
     refusal that changes nothing, or the layer computes `W0 + s B A` of the LOADED factors and
-    unmerge gives `W0` back. (Failing: the new factors are copied in under the merged weight,
-    which still holds the old update, and unmerge then subtracts the new one.)"""
+    unmerge gives `W0` back. (Found by the machine: the new factors were copied in under the
+    merged weight, which still held the old update, and unmerge then subtracted the new one.
+    loratrf now refuses with a MergeError.)"""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 2)).double()
     w0 = model[0].weight.detach().clone()
@@ -661,8 +661,8 @@ def test_load_adapter_into_merged_layers_keeps_their_weights_consistent(tmp_path
 def test_load_adapter_does_not_make_a_lora_base_weight_trainable(tmp_path):
     """A file's trainable module that is now a LoRA layer: inject refuses a module that is both
     ("make a module either trainable or a LoRA target, not both"), and so must load_adapter,
-    changing nothing. (Failing: the load succeeds and leaves `1.weight`, the LoRA layer's
-    base weight, with requires_grad=True.)"""
+    changing nothing. (Found by the machine: the load succeeded and left `1.weight`, the LoRA
+    layer's base weight, with requires_grad=True.)"""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)).double()
     loratrf.inject(model, targets=["0"], trainable=["1"])

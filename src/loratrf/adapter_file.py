@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from loratrf.config import Plan
-from loratrf.errors import AdapterFileError, InjectionError
+from loratrf.errors import AdapterFileError, InjectionError, MergeError
 from loratrf.filter import FILTER_NAME, TaskAwareFilter, filter_of
 from loratrf.inject import apply_plan, engine_problem, named_candidates
 from loratrf.lora import LoRALinear, is_conv1d
@@ -122,6 +122,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     if wrong:
         raise AdapterFileError(f"{path}: adapter shapes do not fit this model: " + "; ".join(wrong))
 
+    merged = [n for n in plan.lora if isinstance(candidates[n], LoRALinear) and candidates[n].merged]
+    if merged:
+        raise MergeError(
+            f"cannot load the adapter: LoRA layer {merged[0]!r} is merged, so its weight holds the current "
+            "update, which new factors would leave behind; call loratrf.unmerge(model) first"
+        )
     new = Plan(
         {n: spec for n, spec in plan.lora.items() if not isinstance(candidates[n], LoRALinear)},
         {h: spec for h, spec in plan.filters.items() if filter_of(candidates[h]) is None},
