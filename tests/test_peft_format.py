@@ -8,6 +8,7 @@ import copy
 import json
 
 import pytest
+import safetensors.torch
 import torch
 
 from hf_architectures import bert, gpt2, main_output, token_ids, transformers
@@ -194,6 +195,12 @@ def test_export_refusals(tmp_path):
     loratrf.inject(model, targets=[r".*\.value"])
     with pytest.raises(AdapterFileError, match="use_rslora holds for all"):
         loratrf.export_peft(model, tmp_path)
+    with torch.device("meta"):
+        model = bert()
+    loratrf.inject(model, targets=[r".*\.query"])
+    with pytest.raises(AdapterFileError, match="is on the meta device and holds no values"):
+        loratrf.export_peft(model, tmp_path)
+    assert not any(tmp_path.iterdir())
 
 
 def edit_config(directory, **changes):
@@ -234,9 +241,10 @@ def test_import_refuses_modules_to_save_embeddings_and_other_methods(tmp_path):
         (dict(rank_pattern={"query": 2}), r"'encoder\.layer\.0\.attention\.self\.query': lora_A \(4, 32\).*rank 2 need"),
         (dict(target_modules=["value"]), r"LoRA tensors for 'encoder\.layer\.0\.attention\.self\.query', which the"),
         (dict(rank_pattern={"(": 2}), r"'\(' is not a valid regular expression"),
-        (dict(lora_dropout=1.5), r"dropout must be a probability in \[0, 1\)"),
+        (dict(lora_dropout=1.5), r"adapter_config\.json: dropout must be a probability in \[0, 1\), got 1\.5$"),
+        (dict(lora_alpha=0), r"'encoder\.layer\.0\.attention\.self\.query': alpha must be a finite number > 0, got 0"),
     ],
-    ids=["bias", "lora_bias", "pissa", "unknown-option", "rank-mismatch", "untargeted", "bad-regex", "bad-dropout"],
+    ids=["bias", "lora_bias", "pissa", "unknown-option", "rank-mismatch", "untargeted", "bad-regex", "bad-dropout", "bad-alpha"],
 )
 def test_import_refuses_configs_it_cannot_represent(tmp_path, changes, match):
     peft_bert(tmp_path, target_modules=["query"], r=4)
@@ -257,6 +265,12 @@ def test_import_refuses_damaged_missing_and_foreign_files(tmp_path):
     assert_refused_untouched(bert(), tmp_path, "no PEFT adapter weights in .*: it holds no adapter_model.safetensors")
     loratrf.save_adapter(model, weights)  # a loratrf adapter file under PEFT's name
     assert_refused_untouched(bert(), tmp_path, r"'encoder\.layer\.0\.attention\.self\.query\.lora\.U' \(not a PEFT LoRA")
+    tensors = safetensors.torch.load(data)
+    safetensors.torch.save_file({k: t for k, t in tensors.items() if "layer.0.attention.self.query.lora_B" not in k}, weights)
+    assert_refused_untouched(bert(), tmp_path, r"encoder\.layer\.0\.attention\.self\.query\.lora_B\.weight is missing")
+    layer_norm = {k.replace("layer.0.attention.self.query", "layer.0.output.LayerNorm"): t for k, t in tensors.items()}
+    safetensors.torch.save_file(layer_norm, weights)
+    assert_refused_untouched(bert(), tmp_path, r"'encoder\.layer\.0\.output\.LayerNorm' is a LayerNorm; loratrf's LoRA targets")
     weights.write_bytes(data)
 
     config = (tmp_path / CONFIG_NAME).read_text()

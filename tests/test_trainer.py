@@ -17,12 +17,14 @@ STEPS, SAVE_EVERY, BATCH = 8, 3, 4
 BASE_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "adapter_model.safetensors")
 
 
-def classifier():
+def classifier(inject=True):
     """A tiny BERT classifier with dropout on (the Trainer's saved RNG state must bring it back)."""
     torch.manual_seed(0)
     config = encoder_config(transformers.BertConfig, num_labels=3)
     config.hidden_dropout_prob = 0.1
     model = transformers.BertForSequenceClassification(config)
+    if not inject:
+        return model
     loratrf.inject(
         model,
         targets=[r"bert\.encoder\.layer\.\d+\.attention\.self\.(query|value)"],
@@ -58,7 +60,7 @@ class RecordingTrainer(LoRATRFTrainer):
         return loss
 
 
-def run(output_dir, model, resume=None):
+def run(output_dir, model, resume=None, **options):
     args = transformers.TrainingArguments(
         output_dir=str(output_dir),
         max_steps=STEPS,
@@ -72,14 +74,16 @@ def run(output_dir, model, resume=None):
         disable_tqdm=True,
         use_cpu=True,
         dataloader_num_workers=0,
+        **options,
     )
-    trainer = RecordingTrainer(model=model, args=args, train_dataset=Examples())
+    trainer = RecordingTrainer(model=model, args=args, train_dataset=Examples(), eval_dataset=Examples(8))
     trainer.losses = []
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
-def test_checkpoints_hold_the_adapter_and_resuming_repeats_the_run(tmp_path):
+@pytest.mark.parametrize("into", ["injected", "bare-base"])
+def test_checkpoints_hold_the_adapter_and_resuming_repeats_the_run(tmp_path, into):
     whole = run(tmp_path / "whole", classifier())
     assert len(whole.losses) == STEPS and len(set(whole.losses)) > 1
 
@@ -93,10 +97,10 @@ def test_checkpoints_hold_the_adapter_and_resuming_repeats_the_run(tmp_path):
     adapter_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     assert (checkpoint / ADAPTER_NAME).stat().st_size < adapter_bytes + 16_384 < base_bytes
 
-    model = classifier()
+    model = classifier(inject=into == "injected")  # a bare base gets the adapters from the file
     with torch.no_grad():  # a different start: everything must come from the checkpoint
-        for p in model.parameters():
-            if p.requires_grad:
+        for name, p in model.named_parameters():
+            if p.requires_grad and (into == "injected" or name.startswith("classifier")):
                 p.add_(1.0)
     resumed = run(tmp_path / "resumed", model, resume=str(checkpoint))
     assert resumed.losses == whole.losses[SAVE_EVERY:]
@@ -109,8 +113,17 @@ def test_checkpoints_hold_the_adapter_and_resuming_repeats_the_run(tmp_path):
         assert torch.equal(tensor, theirs[key]), key
 
 
-def test_save_model_writes_the_adapter_that_reloads_the_trained_model(tmp_path):
-    trainer = run(tmp_path / "run", classifier())
+def test_best_model_at_end_and_save_model_use_the_adapter_file(tmp_path):
+    # "best" = the highest evaluation loss: an earlier checkpoint than the last, so loading it shows
+    options = dict(eval_strategy="steps", eval_steps=SAVE_EVERY, load_best_model_at_end=True, greater_is_better=True)
+    trainer = run(tmp_path / "run", classifier(), **options)
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith(f"-{STEPS}"), best
+    _, tensors = read_adapter_file(f"{best}/{ADAPTER_NAME}")
+    _, last = read_adapter_file(tmp_path / "run" / f"checkpoint-{STEPS}" / ADAPTER_NAME)
+    loaded = loratrf.adapter_state_dict(trainer.model)
+    assert all(torch.equal(tensor, tensors[key]) for key, tensor in loaded.items())  # the best one, loaded back
+    assert not all(torch.equal(tensor, last[key]) for key, tensor in loaded.items())
     trainer.save_model(str(tmp_path / "final"))
     assert not {p.name for p in (tmp_path / "final").iterdir()} & set(BASE_FILES)
 

@@ -311,6 +311,11 @@ def _specs(
             raise AdapterFileError(f"{path}: {regex!r} is not a valid regular expression: {e}") from None
     r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
     init = "gaussian" if config.get("init_lora_weights", True) == "gaussian" else "kaiming"
+    shared = dict(dropout=config.get("lora_dropout", 0.0), init=init, rslora=config.get("use_rslora", False))
+    try:
+        LoRASpec(**shared)
+    except InjectionError as e:
+        raise AdapterFileError(f"{path}: {e}") from None
     specs, problems = {}, []
     for name, (A, B) in pairs.items():
         module = candidates.get(name)
@@ -341,13 +346,7 @@ def _specs(
             )
             continue
         try:
-            specs[name] = LoRASpec(
-                rank=rank,
-                alpha=_resolve(alpha_pattern, alpha, name),
-                dropout=config.get("lora_dropout", 0.0),
-                init=init,
-                rslora=config.get("use_rslora", False),
-            )
+            specs[name] = LoRASpec(rank=rank, alpha=_resolve(alpha_pattern, alpha, name), **shared)
         except InjectionError as e:
             problems.append(f"{name!r}: {e}")
     if problems:
