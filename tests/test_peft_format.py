@@ -10,8 +10,8 @@ import json
 import pytest
 import safetensors.torch
 import torch
-
 from hf_architectures import bert, gpt2, main_output, token_ids, transformers
+
 import loratrf
 from loratrf import AdapterFileError, LoRALinear
 from loratrf.peft_format import CONFIG_NAME, WEIGHTS_NAME
@@ -168,9 +168,13 @@ def test_round_trip_keeps_every_tensor_and_filters_can_be_added_after_import(tmp
 def test_export_of_a_model_with_filters_or_a_trainable_head_needs_lora_only(tmp_path):
     model = transformers.BertForSequenceClassification(bert().config)
     loratrf.inject(model, targets=[r".*\.query"], filters=[r"bert\.encoder\.layer\.\d+"], trainable=["classifier"])
-    with pytest.raises(AdapterFileError, match=r"cannot hold the model's task-aware filters \(on 'bert\.encoder\.layer\.0'"):
+    with pytest.raises(
+        AdapterFileError, match=r"cannot hold the model's task-aware filters \(on 'bert\.encoder\.layer\.0'"
+    ):
         loratrf.export_peft(model, tmp_path)
-    with pytest.raises(AdapterFileError, match=r"trainable base parameters \('classifier\.weight', 'classifier\.bias'\)"):
+    with pytest.raises(
+        AdapterFileError, match=r"trainable base parameters \('classifier\.weight', 'classifier\.bias'\)"
+    ):
         loratrf.export_peft(model, tmp_path)
     assert not any(tmp_path.iterdir())  # nothing written
 
@@ -223,10 +227,14 @@ def test_import_refuses_modules_to_save_embeddings_and_other_methods(tmp_path):
     assert_refused_untouched(bert(), tmp_path / "save", r"modules_to_save=\['embeddings\.LayerNorm'\] \(PEFT trains")
     peft_bert(tmp_path / "embedding", target_modules=["query", "word_embeddings"])
     assert_refused_untouched(
-        bert(), tmp_path / "embedding", r"'base_model\.model\.embeddings\.word_embeddings\.lora_embedding_A' \(LoRA on an embedding"
+        bert(),
+        tmp_path / "embedding",
+        r"'base_model\.model\.embeddings\.word_embeddings\.lora_embedding_A' \(LoRA on an embedding",
     )
     peft_adapter(bert, tmp_path / "loha", peft.LoHaConfig(target_modules=["query"]))
-    assert_refused_untouched(bert(), tmp_path / "loha", "describes a LOHA adapter; loratrf reads PEFT's LoRA adapters only")
+    assert_refused_untouched(
+        bert(), tmp_path / "loha", "describes a LOHA adapter; loratrf reads PEFT's LoRA adapters only"
+    )
     peft_bert(tmp_path / "dora", target_modules=["query"], use_dora=True)
     assert_refused_untouched(bert(), tmp_path / "dora", r"use_dora=True \(DoRA")
 
@@ -238,13 +246,26 @@ def test_import_refuses_modules_to_save_embeddings_and_other_methods(tmp_path):
         (dict(lora_bias=True), r"lora_bias=True \(PEFT trains a bias"),
         (dict(init_lora_weights="pissa"), r"init_lora_weights='pissa' \(PEFT's initialisations such as PiSSA"),
         (dict(layer_replication=[[0, 1]]), r"layer_replication=\[\[0, 1\]\] \(an option loratrf does not represent\)"),
-        (dict(rank_pattern={"query": 2}), r"'encoder\.layer\.0\.attention\.self\.query': lora_A \(4, 32\).*rank 2 need"),
+        (
+            dict(rank_pattern={"query": 2}),
+            r"'encoder\.layer\.0\.attention\.self\.query': lora_A \(4, 32\).*rank 2 need",
+        ),
         (dict(target_modules=["value"]), r"LoRA tensors for 'encoder\.layer\.0\.attention\.self\.query', which the"),
         (dict(rank_pattern={"(": 2}), r"'\(' is not a valid regular expression"),
         (dict(lora_dropout=1.5), r"adapter_config\.json: dropout must be a probability in \[0, 1\), got 1\.5$"),
         (dict(lora_alpha=0), r"'encoder\.layer\.0\.attention\.self\.query': alpha must be a finite number > 0, got 0"),
     ],
-    ids=["bias", "lora_bias", "pissa", "unknown-option", "rank-mismatch", "untargeted", "bad-regex", "bad-dropout", "bad-alpha"],
+    ids=[
+        "bias",
+        "lora_bias",
+        "pissa",
+        "unknown-option",
+        "rank-mismatch",
+        "untargeted",
+        "bad-regex",
+        "bad-dropout",
+        "bad-alpha",
+    ],
 )
 def test_import_refuses_configs_it_cannot_represent(tmp_path, changes, match):
     peft_bert(tmp_path, target_modules=["query"], r=4)
@@ -264,13 +285,19 @@ def test_import_refuses_damaged_missing_and_foreign_files(tmp_path):
     weights.unlink()
     assert_refused_untouched(bert(), tmp_path, "no PEFT adapter weights in .*: it holds no adapter_model.safetensors")
     loratrf.save_adapter(model, weights)  # a loratrf adapter file under PEFT's name
-    assert_refused_untouched(bert(), tmp_path, r"'encoder\.layer\.0\.attention\.self\.query\.lora\.U' \(not a PEFT LoRA")
+    assert_refused_untouched(
+        bert(), tmp_path, r"'encoder\.layer\.0\.attention\.self\.query\.lora\.U' \(not a PEFT LoRA"
+    )
     tensors = safetensors.torch.load(data)
-    safetensors.torch.save_file({k: t for k, t in tensors.items() if "layer.0.attention.self.query.lora_B" not in k}, weights)
+    safetensors.torch.save_file(
+        {k: t for k, t in tensors.items() if "layer.0.attention.self.query.lora_B" not in k}, weights
+    )
     assert_refused_untouched(bert(), tmp_path, r"encoder\.layer\.0\.attention\.self\.query\.lora_B\.weight is missing")
     layer_norm = {k.replace("layer.0.attention.self.query", "layer.0.output.LayerNorm"): t for k, t in tensors.items()}
     safetensors.torch.save_file(layer_norm, weights)
-    assert_refused_untouched(bert(), tmp_path, r"'encoder\.layer\.0\.output\.LayerNorm' is a LayerNorm; loratrf's LoRA targets")
+    assert_refused_untouched(
+        bert(), tmp_path, r"'encoder\.layer\.0\.output\.LayerNorm' is a LayerNorm; loratrf's LoRA targets"
+    )
     weights.write_bytes(data)
 
     config = (tmp_path / CONFIG_NAME).read_text()
@@ -279,12 +306,16 @@ def test_import_refuses_damaged_missing_and_foreign_files(tmp_path):
     (tmp_path / CONFIG_NAME).write_text('{"hello": 1}')
     assert_refused_untouched(bert(), tmp_path, "is not a PEFT adapter config")
     (tmp_path / CONFIG_NAME).unlink()
-    assert_refused_untouched(bert(), tmp_path, r"no PEFT adapter config at .* \(it holds \['adapter_model.safetensors'\]\)")
+    assert_refused_untouched(
+        bert(), tmp_path, r"no PEFT adapter config at .* \(it holds \['adapter_model.safetensors'\]\)"
+    )
 
 
 def test_import_refuses_an_adapter_from_another_model_or_a_model_already_adapted(tmp_path):
     loratrf.export_peft(bert_with_lora(), tmp_path)
-    assert_refused_untouched(gpt2(), tmp_path, r"the model has no module named 'encoder\.layer\.0\.attention\.self\.query'")
+    assert_refused_untouched(
+        gpt2(), tmp_path, r"the model has no module named 'encoder\.layer\.0\.attention\.self\.query'"
+    )
     adapted = bert()
     loratrf.inject(adapted, targets=[r".*\.query"])
     with pytest.raises(AdapterFileError, match="already has a LoRA adapter; import into the base model"):

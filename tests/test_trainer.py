@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from hf_architectures import encoder_config, token_ids, transformers
+
 import loratrf
 from loratrf.adapter_file import read_adapter_file
 
 pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate (the `hf` extra)")
-from loratrf.integrations.trainer import ADAPTER_NAME, LoRATRFTrainer  # noqa: E402
+from loratrf.integrations.trainer import ADAPTER_NAME, LoRATRFTrainer
 
 STEPS, SAVE_EVERY, BATCH = 8, 3, 4
 BASE_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "adapter_model.safetensors")

@@ -8,11 +8,12 @@ the base model's `named_modules()`. PEFT computes `base(x) + scale · B A dropou
 with `U = Aᵀ` and `V = Bᵀ`; `A` and `B` keep that layout for GPT-2's Conv1D too
 (`fan_in_fan_out` only describes the base weight). Neither function needs PEFT installed.
 
-Module names are written exactly: `target_modules` lists the full names (as one regex,
-`re.fullmatch`ed by PEFT, where a name would also match as a suffix of another module's), and
-each layer whose rank or alpha differs from the config's `r` / `lora_alpha` gets its full name
-in `rank_pattern` / `alpha_pattern`. `export_peft` checks, with PEFT's own matching rules, that
-every layer resolves to its own rank and alpha.
+Module names are written exactly: `target_modules` lists the full names (PEFT matches list
+entries as name suffixes, so where an entry would also match another module it is one regex,
+which PEFT full-matches), and each layer whose rank or alpha differs from the config's `r` /
+`lora_alpha` gets its full name in `rank_pattern` / `alpha_pattern`. `export_peft` checks with
+PEFT's matching rules (the current one and that of 0.13 and earlier) that every layer resolves
+to its own rank and alpha.
 """
 
 from __future__ import annotations
@@ -211,7 +212,9 @@ def read_peft_config(directory: Path) -> dict[str, Any]:
     """The adapter_config.json of a PEFT LoRA adapter folder, checked for what loratrf can represent."""
     path = directory / CONFIG_NAME
     if not path.is_file():
-        where = "no such folder" if not directory.is_dir() else f"it holds {sorted(p.name for p in directory.iterdir())}"
+        where = (
+            "no such folder" if not directory.is_dir() else f"it holds {sorted(p.name for p in directory.iterdir())}"
+        )
         raise AdapterFileError(f"no PEFT adapter config at {path} ({where}); a PEFT adapter folder holds {CONFIG_NAME}")
     try:
         config = json.loads(path.read_text())
@@ -238,7 +241,9 @@ def read_peft_config(directory: Path) -> dict[str, Any]:
         if key not in _UNDERSTOOD and value not in (None, False, [], {}, "", _NON_EMPTY_DEFAULTS.get(key)):
             problems.append(f"{key}={value!r} (an option loratrf does not represent)")
     if problems:
-        raise AdapterFileError(f"{path}: this PEFT LoRA adapter uses what loratrf cannot represent: " + "; ".join(problems))
+        raise AdapterFileError(
+            f"{path}: this PEFT LoRA adapter uses what loratrf cannot represent: " + "; ".join(problems)
+        )
     return config
 
 
@@ -326,9 +331,7 @@ def _specs(
             problems.append(f"{name!r} already has a LoRA adapter; import into the base model")
             continue
         if not (isinstance(module, nn.Linear) or is_conv1d(module)):
-            problems.append(
-                f"{name!r} is a {type(module).__name__}; loratrf's LoRA targets are {SUPPORTED_TARGETS}"
-            )
+            problems.append(f"{name!r} is a {type(module).__name__}; loratrf's LoRA targets are {SUPPORTED_TARGETS}")
             continue
         if not _targeted(config, name):
             problems.append(
