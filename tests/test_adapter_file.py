@@ -110,6 +110,7 @@ def test_the_plan_in_the_metadata_is_plain_json(tmp_path):
         "task_init": "normal",
         "init": "kaiming",
         "adapter_dtype": "float32",
+        "gate": "paper",
     }
 
 

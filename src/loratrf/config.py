@@ -19,9 +19,11 @@ from loratrf.errors import InjectionError
 Init = Literal["kaiming", "gaussian"]
 Similarity = Literal["cosine", "dot"]
 TaskInit = Literal["normal", "ones"]
+Gate = Literal["paper", "affine"]
 INITS: tuple[str, ...] = ("kaiming", "gaussian")
 SIMILARITIES: tuple[str, ...] = ("cosine", "dot")
 TASK_INITS: tuple[str, ...] = ("normal", "ones")
+GATES: tuple[str, ...] = ("paper", "affine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +52,9 @@ class LoRASpec:
 class FilterSpec:
     """One task-aware filter: the width `dim` of the hidden states it filters, the rank and
     alpha of its `T ≈ U V`, the relevance (`"cosine"`, the paper's, or `"dot"`), how the task
-    vector starts (`"normal"` or `"ones"`), `U`'s init, and the adapter's dtype name."""
+    vector starts (`"normal"` or `"ones"`), `U`'s init, the adapter's dtype name, and the gate:
+    `"paper"`, `s = clamp(sim(h, t), 0, 1)`, or `"affine"`, `s = clamp(a · sim(h, t) + b, 0, 1)`
+    with a learnable scale `a` (starting at 1) and offset `b` (starting at 0)."""
 
     dim: int
     rank: int = LoRASpec.rank
@@ -59,6 +63,7 @@ class FilterSpec:
     task_init: TaskInit = "normal"
     init: Init = LoRASpec.init
     adapter_dtype: str | None = None
+    gate: Gate = "paper"
 
     def __post_init__(self) -> None:
         _check_positive_int("filter_dim", self.dim)
@@ -66,6 +71,7 @@ class FilterSpec:
         _check_choice("similarity", self.similarity, SIMILARITIES)
         _check_choice("task_init", self.task_init, TASK_INITS)
         torch_dtype(self.adapter_dtype)
+        _check_choice("gate", self.gate, GATES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +83,7 @@ class InjectionConfig:
     trainable: regexes of modules that stay fully trainable (a classifier head, say).
     rank, alpha, dropout, init, rslora: every LoRA layer's `LoRASpec`.
     filter_rank, filter_alpha: rank and alpha of each filter's `T ≈ U V` (default: LoRA's).
-    similarity, task_init: the filters' relevance and task-vector start (`FilterSpec`).
+    similarity, task_init, gate: the filters' relevance, task-vector start and gate (`FilterSpec`).
     filter_dim: width of the filtered hidden states, when it cannot be read off the module.
     adapter_dtype: dtype name of every adapter tensor (default: float32 beside half-precision
         weights, else the weight's dtype).
@@ -97,6 +103,7 @@ class InjectionConfig:
     filter_dim: int | None = None
     trainable: tuple[str, ...] = ()
     adapter_dtype: str | None = None
+    gate: Gate = FilterSpec.gate
 
     def __post_init__(self) -> None:
         for name in ("targets", "filters", "trainable"):
@@ -115,7 +122,9 @@ class InjectionConfig:
         rank = self.rank if self.filter_rank is None else self.filter_rank
         alpha = self.alpha if self.filter_alpha is None else self.filter_alpha
         dim = dim if self.filter_dim is None else self.filter_dim
-        return FilterSpec(dim, rank, alpha, self.similarity, self.task_init, self.init, self.adapter_dtype)
+        return FilterSpec(
+            dim, rank, alpha, self.similarity, self.task_init, self.init, self.adapter_dtype, gate=self.gate
+        )
 
     def replace(self, **overrides: Any) -> InjectionConfig:
         """A copy with `overrides` applied (and validated); an unknown option is an InjectionError."""
