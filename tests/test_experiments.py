@@ -158,18 +158,20 @@ methods = st.one_of(
         st.none() | st.floats(1e-6, 1.0),
     ),
     st.builds(
-        lambda m, r, fr, s, c: Method("loratrf", m, r, s, filter_rank=fr, calibrated=c),
+        lambda m, r, fr, s, c, g: Method("loratrf", m, r, s, filter_rank=fr, start=c, gate=g),
         st.lists(st.sampled_from(MATRICES), min_size=1, unique=True).map(tuple),
         st.integers(1, 64),
         st.integers(1, 64),
         st.sampled_from(["cosine", "dot"]),
-        st.booleans(),
+        st.sampled_from(["random", "cal", "con"]),
+        st.sampled_from(["paper", "affine"]),
     ),
     st.builds(
-        lambda r, s, c: Method("filters", rank=r, similarity=s, calibrated=c),
+        lambda r, s, c, g: Method("filters", rank=r, similarity=s, start=c, gate=g),
         st.integers(1, 64),
         st.sampled_from(["cosine", "dot"]),
-        st.booleans(),
+        st.sampled_from(["random", "cal", "con"]),
+        st.sampled_from(["paper", "affine"]),
     ),
 )
 
@@ -188,8 +190,15 @@ def test_method_specs_read_as_documented():
     assert Method.parse("loratrf:v:r2").title == "LoRATRF r=2 (v + filters)"
     assert Method.parse("loratrf:q,v:r24:fr8").title == "LoRATRF r=24 (q,v + filters r=8)"
     assert Method.parse("loratrf:v:r8:fr8") == Method.parse("loratrf:v:r8")  # the default filter rank
-    assert Method.parse("loratrf:v:cal:dot") == Method("loratrf", ("v",), 8, "dot", calibrated=True)
+    assert Method.parse("loratrf:v:cal:dot") == Method("loratrf", ("v",), 8, "dot", start="cal")
     assert Method.parse("filters:r4:cal").title == "filters r=4 (filters only, calibrated t)"
+    assert Method.parse("loratrf:v:con") == Method("loratrf", ("v",), 8, start="con")
+    assert str(Method.parse("loratrf:con:v")) == "loratrf:v:r8:con"
+    assert Method.parse("loratrf:v:r4:con").title == "LoRATRF r=4 (v + filters, contrastive t)"
+    assert Method.parse("loratrf:v:random") == Method.parse("loratrf:v")  # the default start
+    assert Method.parse("loratrf:aff:v:con") == Method("loratrf", ("v",), 8, start="con", gate="affine")
+    assert str(Method.parse("filters:aff:cal")) == "filters:r8:cal:aff"
+    assert Method.parse("loratrf:v:con:aff").title == "LoRATRF r=8 (v + filters, contrastive t, affine gate)"
     for bad in (
         "lora",
         "lora:x,y",
@@ -202,6 +211,10 @@ def test_method_specs_read_as_documented():
         "lora:v:fr4",
         "lora:v:cal",
         "full:cal",
+        "lora:v:con",
+        "head:con",
+        "lora:v:aff",
+        "full:aff",
         "head:r4",
         "head:v",
     ):

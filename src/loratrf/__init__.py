@@ -7,10 +7,10 @@ loratrf.inject(other_model, loratrf.presets.LORATRF_DEBERTA_V3, rank=4)
 
 from loratrf import presets
 from loratrf.adapter_file import adapter_state_dict, load_adapter, save_adapter
-from loratrf.calibration import calibrate_filters
 from loratrf.config import InjectionConfig
 from loratrf.errors import AdapterFileError, FilterOutputError, InjectionError, LoRATRFError, MergeError
 from loratrf.filter import TaskAwareFilter
+from loratrf.gates import GateStats, calibrate_filters, gate_statistics, record_gates
 from loratrf.inject import inject
 from loratrf.lora import LoRALinear
 from loratrf.low_rank import LowRankTransform
@@ -21,6 +21,7 @@ from loratrf.peft_format import export_peft, import_peft
 __all__ = [
     "AdapterFileError",
     "FilterOutputError",
+    "GateStats",
     "InjectionConfig",
     "InjectionError",
     "LoRALinear",
@@ -32,11 +33,13 @@ __all__ = [
     "adapter_state_dict",
     "calibrate_filters",
     "export_peft",
+    "gate_statistics",
     "import_peft",
     "inject",
     "load_adapter",
     "merge",
     "presets",
+    "record_gates",
     "reset_adapters",
     "save_adapter",
     "summary",

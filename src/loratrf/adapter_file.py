@@ -10,6 +10,7 @@ plan and the tensors, so damaged bytes anywhere are caught, not loaded. Other to
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,7 +28,6 @@ from loratrf.errors import AdapterFileError, InjectionError, MergeError
 from loratrf.filter import FILTER_NAME, TaskAwareFilter, filter_of
 from loratrf.inject import apply_plan, engine_problem, named_candidates
 from loratrf.lora import LoRALinear, is_conv1d
-from loratrf.low_rank import LowRankTransform
 from loratrf.walk import named_adapter_parameters, named_filters, named_lora_layers, unwrap
 
 FORMAT = "loratrf-adapter"
@@ -215,8 +215,14 @@ def _expected_shapes(candidates, root, plan: Plan, path) -> dict[str, tuple[int,
             problems.append(f"{name!r} already holds a different LoRA adapter {module.spec}, the file has {spec}")
             continue
         in_f, out_f = _linear_shape(module)
-        lora = LowRankTransform(in_f, out_f, spec.rank, spec.alpha, init=spec.init, device="meta")
-        shapes.update({f"{name}.lora.{k}": tuple(p.shape) for k, p in lora.named_parameters()})
+        layer = LoRALinear(in_f, out_f, **dataclasses.asdict(spec), device="meta")  # DoRA's magnitude included
+        shapes.update(
+            {
+                f"{name}.{k}": tuple(p.shape)
+                for k, p in layer.named_parameters()
+                if k not in LoRALinear.base_parameter_names
+            }
+        )
     for host, spec in plan.filters.items():
         module = candidates.get(host)
         if module is None:

@@ -19,16 +19,20 @@ from loratrf.errors import InjectionError
 Init = Literal["kaiming", "gaussian"]
 Similarity = Literal["cosine", "dot"]
 TaskInit = Literal["normal", "ones"]
+Gate = Literal["paper", "affine"]
 INITS: tuple[str, ...] = ("kaiming", "gaussian")
 SIMILARITIES: tuple[str, ...] = ("cosine", "dot")
 TASK_INITS: tuple[str, ...] = ("normal", "ones")
+GATES: tuple[str, ...] = ("paper", "affine")
 
 
 @dataclasses.dataclass(frozen=True)
 class LoRASpec:
     """One LoRA layer: rank `r`, `alpha` (scale `alpha / r`, or `alpha / sqrt(r)` with
-    `rslora`), dropout on the adapter's input, `A`'s init (`"kaiming"` or `"gaussian"`) and the
-    adapter's dtype name (None: float32 beside half-precision weights, else the weight's)."""
+    `rslora`), dropout on the adapter's input, `A`'s init (`"kaiming"` or `"gaussian"`), the
+    adapter's dtype name (None: float32 beside half-precision weights, else the weight's) and
+    `dora`: DoRA's weight decomposition (a trainable magnitude per output feature times the
+    normalised direction `W0 + scale · B A`, Liu et al. 2024) instead of plain LoRA."""
 
     rank: int = 8
     alpha: float = 16.0
@@ -36,6 +40,7 @@ class LoRASpec:
     init: Init = "kaiming"
     rslora: bool = False
     adapter_dtype: str | None = None
+    dora: bool = False
 
     def __post_init__(self) -> None:
         check_low_rank(self.rank, self.alpha, self.init)
@@ -43,6 +48,8 @@ class LoRASpec:
             raise InjectionError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
         if not isinstance(self.rslora, bool):
             raise InjectionError(f"rslora must be True or False, got {self.rslora!r}")
+        if not isinstance(self.dora, bool):
+            raise InjectionError(f"dora must be True or False, got {self.dora!r}")
         torch_dtype(self.adapter_dtype)
 
 
@@ -50,7 +57,9 @@ class LoRASpec:
 class FilterSpec:
     """One task-aware filter: the width `dim` of the hidden states it filters, the rank and
     alpha of its `T ≈ U V`, the relevance (`"cosine"`, the paper's, or `"dot"`), how the task
-    vector starts (`"normal"` or `"ones"`), `U`'s init, and the adapter's dtype name."""
+    vector starts (`"normal"` or `"ones"`), `U`'s init, the adapter's dtype name, and the gate:
+    `"paper"`, `s = clamp(sim(h, t), 0, 1)`, or `"affine"`, `s = clamp(a · sim(h, t) + b, 0, 1)`
+    with a learnable scale `a` (starting at 1) and offset `b` (starting at 0)."""
 
     dim: int
     rank: int = LoRASpec.rank
@@ -59,6 +68,7 @@ class FilterSpec:
     task_init: TaskInit = "normal"
     init: Init = LoRASpec.init
     adapter_dtype: str | None = None
+    gate: Gate = "paper"
 
     def __post_init__(self) -> None:
         _check_positive_int("filter_dim", self.dim)
@@ -66,6 +76,7 @@ class FilterSpec:
         _check_choice("similarity", self.similarity, SIMILARITIES)
         _check_choice("task_init", self.task_init, TASK_INITS)
         torch_dtype(self.adapter_dtype)
+        _check_choice("gate", self.gate, GATES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +86,10 @@ class InjectionConfig:
     targets: regexes (`re.fullmatch` on qualified module names) of linear layers that get LoRA.
     filters: regexes of modules whose output gets a TaskAwareFilter.
     trainable: regexes of modules that stay fully trainable (a classifier head, say).
-    rank, alpha, dropout, init, rslora: every LoRA layer's `LoRASpec`.
+    rank, alpha, dropout, init, rslora, dora: every LoRA layer's `LoRASpec` (`dora=True`: DoRA
+        layers, a trained magnitude per output feature times the normalised `W0 + scale · B A`).
     filter_rank, filter_alpha: rank and alpha of each filter's `T ≈ U V` (default: LoRA's).
-    similarity, task_init: the filters' relevance and task-vector start (`FilterSpec`).
+    similarity, task_init, gate: the filters' relevance, task-vector start and gate (`FilterSpec`).
     filter_dim: width of the filtered hidden states, when it cannot be read off the module.
     adapter_dtype: dtype name of every adapter tensor (default: float32 beside half-precision
         weights, else the weight's dtype).
@@ -97,6 +109,8 @@ class InjectionConfig:
     filter_dim: int | None = None
     trainable: tuple[str, ...] = ()
     adapter_dtype: str | None = None
+    gate: Gate = FilterSpec.gate
+    dora: bool = LoRASpec.dora
 
     def __post_init__(self) -> None:
         for name in ("targets", "filters", "trainable"):
@@ -108,14 +122,16 @@ class InjectionConfig:
 
     def lora_spec(self) -> LoRASpec:
         """The spec every targeted layer gets."""
-        return LoRASpec(self.rank, self.alpha, self.dropout, self.init, self.rslora, self.adapter_dtype)
+        return LoRASpec(self.rank, self.alpha, self.dropout, self.init, self.rslora, self.adapter_dtype, self.dora)
 
     def filter_spec(self, dim: int) -> FilterSpec:
         """The spec of a filter on hidden states of width `dim` (`filter_dim`, when given, wins)."""
         rank = self.rank if self.filter_rank is None else self.filter_rank
         alpha = self.alpha if self.filter_alpha is None else self.filter_alpha
         dim = dim if self.filter_dim is None else self.filter_dim
-        return FilterSpec(dim, rank, alpha, self.similarity, self.task_init, self.init, self.adapter_dtype)
+        return FilterSpec(
+            dim, rank, alpha, self.similarity, self.task_init, self.init, self.adapter_dtype, gate=self.gate
+        )
 
     def replace(self, **overrides: Any) -> InjectionConfig:
         """A copy with `overrides` applied (and validated); an unknown option is an InjectionError."""

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from loratrf.base_checkpoints import keep_absent_adapter_tensors
-from loratrf.config import FilterSpec, Init, Similarity, TaskInit, dtype_name, torch_dtype
+from loratrf.config import FilterSpec, Gate, Init, Similarity, TaskInit, dtype_name, torch_dtype
 from loratrf.errors import FilterOutputError
 from loratrf.fused import fast_path_applies, task_filter
 from loratrf.lora import LOW_PRECISION, default_adapter_dtype
@@ -29,6 +29,11 @@ class TaskAwareFilter(nn.Module):
 
     `task_init="normal"` draws `t ~ N(0, 1/dim)` (a random direction of about unit norm);
     `"ones"` sets `t = 1/sqrt(dim)` (relevance = the normalised sum of a token's features).
+
+    `gate="affine"` gives `s = clamp(a · sim(h, t) + b, 0, 1)` with learnable scalars
+    `gate_scale = a` (starting at 1) and `gate_offset = b` (starting at 0, so it starts as the
+    paper's gate); `calibrate_filters(gate_range=...)` sets them so that the gate uses its range.
+    `"paper"` (the default) has neither parameter.
     """
 
     base_parameter_names: tuple[str, ...] = ()
@@ -42,14 +47,18 @@ class TaskAwareFilter(nn.Module):
         similarity: Similarity = FilterSpec.similarity,
         task_init: TaskInit = FilterSpec.task_init,
         init: Init = FilterSpec.init,
+        gate: Gate = FilterSpec.gate,
         eps: float = 1e-8,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        FilterSpec(dim, rank, alpha, similarity, task_init, init)  # validates every option
-        self.dim, self.similarity, self.task_init, self.eps = dim, similarity, task_init, eps
+        FilterSpec(dim, rank, alpha, similarity, task_init, init, gate=gate)  # validates every option
+        self.dim, self.similarity, self.task_init, self.gate, self.eps = dim, similarity, task_init, gate, eps
         self.task_vector = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))
+        if gate == "affine":
+            self.gate_scale = nn.Parameter(torch.ones((), device=device, dtype=dtype))
+            self.gate_offset = nn.Parameter(torch.zeros((), device=device, dtype=dtype))
         self.transform = LowRankTransform(dim, dim, rank, alpha, init=init, device=device, dtype=dtype)
         self.reset_task_vector()
         self.register_load_state_dict_pre_hook(keep_absent_adapter_tensors)
@@ -66,6 +75,7 @@ class TaskAwareFilter(nn.Module):
             similarity=spec.similarity,
             task_init=spec.task_init,
             init=spec.init,
+            gate=spec.gate,
             device=device,
             dtype=dtype,
         )
@@ -75,7 +85,14 @@ class TaskAwareFilter(nn.Module):
         """This filter's options, as `inject` plans them and adapter files store them."""
         t = self.transform
         return FilterSpec(
-            self.dim, t.rank, t.alpha, self.similarity, self.task_init, t.init, dtype_name(self.task_vector.dtype)
+            self.dim,
+            t.rank,
+            t.alpha,
+            self.similarity,
+            self.task_init,
+            t.init,
+            dtype_name(self.task_vector.dtype),
+            gate=self.gate,
         )
 
     @torch.no_grad()
@@ -86,12 +103,16 @@ class TaskAwareFilter(nn.Module):
             self.task_vector.fill_(1.0 / math.sqrt(self.dim))
 
     def reset_parameters(self) -> None:
-        """Back to the initial state: a fresh task vector and an identity filter."""
+        """Back to the initial state: a fresh task vector, the paper's gate and an identity filter."""
         self.reset_task_vector()
+        if self.gate == "affine":
+            with torch.no_grad():
+                self.gate_scale.fill_(1.0)
+                self.gate_offset.zero_()
         self.transform.reset_parameters()
 
-    def relevance(self, h: Tensor) -> Tensor:
-        """`s = clamp(sim(h, t), 0, 1)`: `[..., dim] -> [..., 1]`, in at least float32."""
+    def similarity_to_task(self, h: Tensor) -> Tensor:
+        """`sim(h, t)` before the gate: `[..., dim] -> [...]`, in at least float32."""
         if h.dtype in LOW_PRECISION:
             h = h.float()
         t = self.task_vector.to(h.dtype)
@@ -99,6 +120,14 @@ class TaskAwareFilter(nn.Module):
         if self.similarity == "cosine":
             norms = torch.linalg.vector_norm(h, dim=-1) * torch.linalg.vector_norm(t)
             score = score / norms.clamp_min(self.eps)
+        return score
+
+    def relevance(self, h: Tensor) -> Tensor:
+        """`s = clamp(sim(h, t), 0, 1)` (`clamp(a · sim(h, t) + b, 0, 1)` with `gate="affine"`):
+        `[..., dim] -> [..., 1]`, in at least float32."""
+        score = self.similarity_to_task(h)
+        if self.gate == "affine":
+            score = score * self.gate_scale.to(score.dtype) + self.gate_offset.to(score.dtype)
         return score.clamp(0.0, 1.0).unsqueeze(-1)
 
     def forward(self, h: Tensor) -> Tensor:
@@ -109,12 +138,13 @@ class TaskAwareFilter(nn.Module):
                 f"filter_dim={h.shape[-1]} (or filter a module whose output has width {self.dim})"
             )
         T = self.transform
-        if fast_path_applies(h, self.task_vector, T.U, T.V):
+        if self.gate == "paper" and fast_path_applies(h, self.task_vector, T.U, T.V):  # the kernel's gate
             return task_filter(h, self.task_vector, T.U, T.V, T.scale, self.similarity == "cosine", self.eps)
         return T(h, gate=self.relevance(h), residual=h)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, similarity={self.similarity!r}, task_init={self.task_init!r}"
+        gate = "" if self.gate == "paper" else f", gate={self.gate!r}"
+        return f"dim={self.dim}, similarity={self.similarity!r}, task_init={self.task_init!r}{gate}"
 
 
 FILTER_NAME = "task_filter"

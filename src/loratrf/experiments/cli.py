@@ -119,6 +119,7 @@ def chosen_studies(args: argparse.Namespace, base) -> dict[str, Study]:
 
 def run(args: argparse.Namespace) -> dict:
     from loratrf.experiments.backbone import Backbone
+    from loratrf.experiments.gate_stats import console_gates
     from loratrf.experiments.grid import Runner
     from loratrf.experiments.report import console_table, write_results
 
@@ -141,6 +142,9 @@ def run(args: argparse.Namespace) -> dict:
     page, figures = write_results(results, out)
     for name in chosen:
         print(f"\n{name}: {chosen[name].question}\n{console_table(results, name)}")
+        gates = console_gates(results, name)
+        if gates:
+            print(f"\n{gates}")
     print(f"finished in {time.perf_counter() - start:.0f} s; results in {out}/:")
     for path in (out / "results.json", page, *figures):
         print(f"  {path}")

@@ -24,7 +24,16 @@ from torch import nn
 import loratrf
 from loratrf.experiments.backbone import Backbone
 from loratrf.experiments.data import TASKS, load_source, split
-from loratrf.experiments.methods import MATRICES, Method, lora_cost, prepare, rank_for_budget
+from loratrf.experiments.gate_stats import probe
+from loratrf.experiments.methods import (
+    CALIBRATION_STARTS,
+    GATE_RANGE,
+    MATRICES,
+    Method,
+    lora_cost,
+    prepare,
+    rank_for_budget,
+)
 from loratrf.experiments.training import Encoded, TrainingConfig, correct, pad, train
 
 try:
@@ -38,6 +47,7 @@ RANKS = (4, 8, 16, 32)
 STUDY_NAMES = ("demo", "rank", "module", "ablation", "domains", "trec")
 # Figure 2's question: which matrices to adapt, at the LoRA budget of the paper's setup.
 MODULE_CHOICES = (("q", "v"), ("q", "k", "v", "o"), ("f1", "f2"), ("o", "f1", "f2"), ("v", "f1", "f2"), MATRICES)
+CALIBRATION_SENTENCES = 256  # ':cal' and ':con' set the task vectors from the first training sentences
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +81,9 @@ def studies(base: nn.Module, ranks: Sequence[int] = RANKS) -> dict[str, Study]:
         ),
         "ablation": Study(
             "Filter ablations at the same LoRA targets (v,f1,f2, r=8): without filters, with cosine "
-            "filters, with dot-product filters, with task vectors calibrated on the first training "
-            "batch (`loratrf.calibrate_filters`) instead of random, filters alone, the head alone; and "
-            "the all-six LoRA baseline",
+            "filters, with dot-product filters, with task vectors calibrated on the first "
+            f"{CALIBRATION_SENTENCES} training sentences (`loratrf.calibrate_filters`) instead of random, "
+            "filters alone, the head alone; and the all-six LoRA baseline",
             (
                 "lora:v,f1,f2:r8",
                 PAPER_LORATRF,
@@ -172,6 +182,7 @@ class Runner:
         self._encoded: dict[tuple[str, str], Encoded] = {}
         self._majority: dict[str, float] = {}
         self._classes: dict[str, int] = {}
+        self._class_names: dict[str, tuple[str, ...]] = {}
 
     def encoded(self, source: str, part: str) -> Encoded:
         """A source's train, dev or test split, tokenised (cached)."""
@@ -188,6 +199,7 @@ class Runner:
                 self._encoded[source, name] = Encoded(ids, torch.tensor(texts.labels, dtype=torch.long))
             self._majority[source] = parts.test.majority_share()
             self._classes[source] = len(data.classes)
+            self._class_names[source] = data.classes
         return self._encoded[source, part]
 
     def run(self, spec: RunSpec, label: str) -> dict:
@@ -196,10 +208,27 @@ class Runner:
         torch.manual_seed(spec.seed)  # adapter and task-vector initialisation
         model = self.backbone.fresh(self._classes[task.train], spec.seed)
         prepare(model, spec.method)
-        open_gates = None
-        if spec.method.calibrated:
-            input_ids, mask = pad(train_data.ids[: self.config.batch_size], self.backbone.pad_id)
-            open_gates = loratrf.calibrate_filters(model, input_ids=input_ids, attention_mask=mask)
+        open_gates = gates = None
+        if spec.method.start in CALIBRATION_STARTS:
+            rows = slice(0, CALIBRATION_SENTENCES)
+            input_ids, mask = pad(train_data.ids[rows], self.backbone.pad_id)
+            how = CALIBRATION_STARTS[spec.method.start]
+            labels = train_data.labels[rows] if how == "contrastive" else None
+            gate_range = GATE_RANGE if spec.method.gate == "affine" else None
+            open_gates = loratrf.calibrate_filters(
+                model,
+                input_ids=input_ids,
+                attention_mask=mask,
+                start=how,
+                labels=labels,
+                token_mask=mask,
+                gate_range=gate_range,
+            )
+        if spec.method.filters:
+            source = task.tests[0]
+            tokens = self.backbone.tokenizer.convert_ids_to_tokens
+            probe_data, classes = self.encoded(source, "test"), self._class_names[source]
+            gates, after_training = probe(model, probe_data, self.backbone.pad_id, tokens, source, classes)
         params = loratrf.summary(model)
         start = time.perf_counter()
         losses = train(
@@ -212,6 +241,8 @@ class Runner:
             label=label,
         )
         train_seconds = time.perf_counter() - start
+        if gates is not None:
+            gates = after_training()
         start = time.perf_counter()
         pad_id, batch = self.backbone.pad_id, self.config.eval_batch_size
         dev = correct(model, self.encoded(task.train, "dev"), pad_id=pad_id, batch_size=batch)
@@ -229,6 +260,7 @@ class Runner:
             "test_correct": {s: "".join("1" if h else "0" for h in hits.tolist()) for s, hits in test.items()},
             "majority": {s: self._majority[s] for s in task.tests},
             "open_gates": open_gates,  # calibrated runs: per filter, the share of tokens with s > 0
+            "gates": gates,  # runs with filters: gate statistics at the start and after training (gate_stats.py)
             "train_loss": losses,
             "train_sentences": len(train_data),
             "train_seconds": train_seconds,

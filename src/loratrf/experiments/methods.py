@@ -9,8 +9,14 @@ Spec grammar (`Method.parse`; `str(method)` gives the canonical spec back):
     filters:r<rank>               filters only, no LoRA
     ...:fr<rank>                  the filters' rank, when it differs from LoRA's (loratrf)
     ...:dot                       dot-product relevance instead of cosine (loratrf, filters)
-    ...:cal                       task vectors set by `loratrf.calibrate_filters` on the first
-                                  training batch, instead of random (loratrf, filters)
+    ...:cal                       task vectors set by `loratrf.calibrate_filters` (the mean
+                                  direction) on the first training sentences, instead of
+                                  random (loratrf, filters)
+    ...:con                       task vectors set by `calibrate_filters(start="contrastive")`:
+                                  the direction that separates the classes of those sentences
+    ...:aff                       the affine gate `s = clamp(a cos(h, t) + b, 0, 1)` (a, b learnable,
+                                  from 1 and 0); with ':cal' or ':con' also
+                                  `calibrate_filters(gate_range=GATE_RANGE)`
     ...:lr=<float>                a learning rate other than the method's default
 
 `<matrices>` are the paper's names joined by commas (`q,k,v,o,f1,f2`), or `all` for the six;
@@ -34,7 +40,8 @@ KINDS = ("full", "head", "lora", "loratrf", "filters")
 GRAMMAR = (
     "method specs are 'full', 'head', 'lora:<matrices>:r<rank>', 'loratrf:<matrices>:r<rank>' or 'filters:r<rank>', "
     "with <matrices> from q,k,v,o,f1,f2 joined by commas (or 'all'), optionally followed by ':fr<rank>' "
-    "(the filters' rank), ':dot' (filters' similarity), ':cal' (calibrated task vectors) and ':lr=<float>'; "
+    "(the filters' rank), ':dot' (filters' similarity), ':cal' or ':con' (task vectors started at the mean or the "
+    "contrastive direction), ':aff' (the affine gate) and ':lr=<float>'; "
     "e.g. 'loratrf:v,f1,f2:r8'"
 )
 ALPHA = 16.0
@@ -44,6 +51,12 @@ DEFAULT_LR = {"full": 5e-5, "head": 1e-3, "lora": 1e-3, "loratrf": 1e-3, "filter
 ARCHITECTURE = "bert"
 # The task head trains in every method: BERT's pooler (dense + tanh on [CLS]) and classifier.
 HEAD = (r"(?:.*\.)?pooler", "classifier")
+# How the task vectors start: spec field -> the words of a method's title
+STARTS = {"random": "random", "cal": "calibrated", "con": "contrastive"}
+# and the `loratrf.calibrate_filters` start that each calibrating field asks for
+CALIBRATION_STARTS = {"cal": "mean", "con": "contrastive"}
+# ':aff' with a calibrated start: the gate is 0 at the median of the tokens' cosines, 1 at their 95th percentile
+GATE_RANGE = (0.5, 0.95)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +67,8 @@ class Method:
     similarity: str = "cosine"
     lr: float | None = None  # None: DEFAULT_LR[kind]
     filter_rank: int | None = None  # None: the filters take `rank`
-    calibrated: bool = False  # task vectors from `loratrf.calibrate_filters`, not random
+    start: str = "random"  # how task vectors start: "random", or by calibrate_filters: "cal" (mean), "con"
+    gate: str = "paper"  # the filters' gate: "paper" or "affine"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -83,8 +97,14 @@ class Method:
                 raise ValueError(f"filter rank must be an integer >= 1, got {self.filter_rank!r}")
             if self.filter_rank == self.rank:  # canonical: the default is left out
                 object.__setattr__(self, "filter_rank", None)
-        if self.calibrated and not self.filters:
-            raise ValueError("':cal' calibrates filters (kind 'loratrf' or 'filters')")
+        if self.start not in STARTS:
+            raise ValueError(f"start must be one of {tuple(STARTS)}, got {self.start!r}")
+        if self.start != "random" and not self.filters:
+            raise ValueError(f"':{self.start}' calibrates filters (kind 'loratrf' or 'filters')")
+        if self.gate not in ("paper", "affine"):
+            raise ValueError(f"gate must be 'paper' or 'affine', got {self.gate!r}")
+        if self.gate != "paper" and not self.filters:
+            raise ValueError("':aff' is a filter gate (kind 'loratrf' or 'filters')")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"learning rate must be a positive number, got {self.lr!r}")
         if self.matrices:  # canonical order, so equal methods have equal specs
@@ -108,8 +128,10 @@ class Method:
             parts.append(f"fr{self.filter_rank}")
         if self.similarity != "cosine":
             parts.append(self.similarity)
-        if self.calibrated:
-            parts.append("cal")
+        if self.start != "random":
+            parts.append(self.start)
+        if self.gate == "affine":
+            parts.append("aff")
         if self.lr is not None:
             parts.append(f"lr={self.lr!r}")  # repr: the shortest text that reads back exactly
         return ":".join(parts)
@@ -128,8 +150,10 @@ class Method:
                 where += f" r={self.filter_rank}"
             if self.similarity == "dot":
                 where += ", dot"
-            if self.calibrated:
-                where += ", calibrated t"
+            if self.start != "random":
+                where += f", {STARTS[self.start]} t"
+            if self.gate == "affine":
+                where += ", affine gate"
         name = {"lora": "LoRA", "loratrf": "LoRATRF", "filters": "filters"}[self.kind]
         return f"{name} r={self.rank} ({where})"
 
@@ -144,8 +168,10 @@ class Method:
                 options["filter_rank"] = int(m.group(1))
             elif field in ("cosine", "dot"):
                 options["similarity"] = field
-            elif field == "cal":
-                options["calibrated"] = True
+            elif field in STARTS:
+                options["start"] = field
+            elif field == "aff":
+                options["gate"] = "affine"
             elif field.startswith("lr="):
                 try:
                     options["lr"] = float(field[3:])
@@ -180,6 +206,7 @@ def prepare(model: nn.Module, method: Method) -> loratrf.InjectionConfig | None:
         filter_rank=method.filter_rank,
         alpha=ALPHA,
         similarity=method.similarity,
+        gate=method.gate,
         trainable=HEAD,
     )
     loratrf.inject(model, config)

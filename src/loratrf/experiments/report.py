@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from loratrf.experiments.data import TASKS
+from loratrf.experiments.gate_picture import draw_study
+from loratrf.experiments.gate_stats import gate_lines
 from loratrf.experiments.grid import PAPER_LORA, PAPER_LORATRF, aggregate
 from loratrf.experiments.methods import Method
 from loratrf.experiments.packages import require
@@ -57,7 +59,15 @@ def noise(p: float, n: int) -> float:
 
 
 def gap_text(a: Mapping, b: Mapping, source: str) -> str:
-    """`a - b` on `source`'s test set in points, against a noise band of two standard errors.
+    """`a - b` on `source`'s test set in points, against a noise band of two standard errors
+    (`gap_and_band`)."""
+    gap, band = gap_and_band(a, b, source)
+    verdict = "within noise" if abs(gap) < band else ("better" if gap > 0 else "worse")
+    return f"{gap:+.1f} points ({verdict}: noise band ±{band:.1f})"
+
+
+def gap_and_band(a: Mapping, b: Mapping, source: str) -> tuple[float, float]:
+    """`a - b` on `source`'s test set and its noise band (two standard errors), both in points.
 
     The test-set error is paired (the same sentences): the standard deviation over sentences of
     the difference in correctness, over sqrt(n); without per-sentence results, the unpaired
@@ -75,9 +85,7 @@ def gap_text(a: Mapping, b: Mapping, source: str) -> str:
     seed_se = 0.0
     if std_a is not None and std_b is not None:
         seed_se = 100 * math.sqrt(std_a**2 / a["n"] + std_b**2 / b["n"])
-    gap, band = 100 * (mean_a - mean_b), 2 * math.hypot(test_se, seed_se)
-    verdict = "within noise" if abs(gap) < band else ("better" if gap > 0 else "worse")
-    return f"{gap:+.1f} points ({verdict}: noise band ±{band:.1f})"
+    return 100 * (mean_a - mean_b), 2 * math.hypot(test_se, seed_se)
 
 
 def findings(name: str, study: Mapping, agg: Mapping) -> list[str]:
@@ -172,6 +180,7 @@ def plot(name: str, study: Mapping, agg: Mapping, path: Path) -> Path | None:
                     es.append(100 * (std or 0.0))
             bars = ax.bar(xs, ys, width, yerr=es, capsize=2, label=Method.parse(method).title)
             ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=2)
+        _noise_bands(ax, methods, groups, agg)
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([s if t in ("transfer",) or s == t else f"{t}: {s}" for t, s in groups])
         low = min((100 * agg[m, t]["test"][s][0] for m in methods for t, s in groups if (m, t) in agg), default=50)
@@ -188,6 +197,27 @@ def plot(name: str, study: Mapping, agg: Mapping, path: Path) -> Path | None:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _noise_bands(ax, methods: list[str], groups: list[tuple[str, str]], agg: Mapping) -> None:
+    """Shade, in each group of bars, the reference method's accuracy ± the widest noise band of
+    its paired differences with the other methods there: a bar outside the shading differs from
+    the reference by more than noise. The reference is the paper's LoRA where it ran, else the
+    first method."""
+    reference = PAPER_LORA if PAPER_LORA in methods else (methods[0] if methods else None)
+    labelled = False
+    for g, (task, source) in enumerate(groups):
+        ref = agg.get((reference, task))
+        others = [agg[m, task] for m in methods if m != reference and (m, task) in agg]
+        if ref is None or not others:
+            continue
+        band = max(gap_and_band(other, ref, source)[1] for other in others)
+        mean = 100 * ref["test"][source][0]
+        label = None if labelled else f"noise band around {Method.parse(reference).title} (±{band:.1f})"
+        ax.fill_between([g - 0.45, g + 0.45], mean - band, mean + band, color="grey", alpha=0.25, zorder=3, label=label)
+        for y in (mean - band, mean + band):
+            ax.plot([g - 0.45, g + 0.45], [y, y], color="black", linestyle="--", linewidth=0.7, zorder=3)
+        labelled = True
 
 
 def setup_lines(results: Mapping) -> list[str]:
@@ -220,8 +250,15 @@ def setup_lines(results: Mapping) -> list[str]:
 
 
 def markdown(
-    results: Mapping, figures: Mapping[str, Path | None], relative_to: Path, *, with_findings: bool
+    results: Mapping,
+    figures: Mapping[str, Path | None],
+    relative_to: Path,
+    *,
+    with_findings: bool,
+    gate_pictures: tuple[Path, str] | None = None,
 ) -> list[str]:
+    """The studies' sections; `gate_pictures = (folder, file-name prefix)` draws each filter
+    method's gate picture there and adds its gate statistics (gate_stats.py)."""
     agg = aggregate(results["runs"])
     lines: list[str] = []
     for name, study in results["studies"].items():
@@ -236,6 +273,10 @@ def markdown(
             found = findings(name, study, agg)
             if found:
                 lines += found + [""]
+        if gate_pictures is not None:
+            folder, prefix = gate_pictures
+            pictures = draw_study(results["runs"], list(study["methods"]), folder, prefix)
+            lines += gate_lines(results["runs"], study["methods"], pictures, relative_to)
     return lines
 
 
@@ -246,10 +287,10 @@ def write_results(results: Mapping, folder: Path) -> tuple[Path, list[Path]]:
         for name, study in results["studies"].items()
     }
     page = ["# loratrf experiment results", ""] + setup_lines(results) + [""]
-    page += markdown(results, figures, folder, with_findings=True)
+    page += markdown(results, figures, folder, with_findings=True, gate_pictures=(folder, ""))
     path = folder / "results.md"
     path.write_text("\n".join(page))
-    return path, [p for p in figures.values() if p]
+    return path, [p for p in figures.values() if p] + sorted(folder.glob("gates-*.png"))
 
 
 def console_table(results: Mapping, study: str) -> str:
@@ -300,7 +341,7 @@ def write_docs(grids: Mapping[str, Mapping], page: Path, figures_folder: Path) -
             for study, spec in results["studies"].items()
         }
         lines += [f"## {name}", ""] + setup_lines(results) + [""]
-        lines += markdown(results, figures, page.parent, with_findings=True)
+        lines += markdown(results, figures, page.parent, with_findings=True, gate_pictures=(figures_folder, f"{name}-"))
     lines += [
         "## Noise bands",
         "",
