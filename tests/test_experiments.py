@@ -371,8 +371,14 @@ def test_smoke_demo_trains_evaluates_and_writes_results(tmp_path, capsys):
         assert 0.0 <= run["test"]["movies"] <= 1.0 and len(run["test_correct"]["movies"]) == cli.SMOKE.test_size
         assert run["train_sentences"] == cli.SMOKE.train_size and len(run["train_loss"]) == 1
     assert (tmp_path / "results.md").exists() and (tmp_path / "plot-demo.png").stat().st_size > 1000
+    gates = by["loratrf:v,f1,f2:r8"]["gates"]  # the filter run's gates, at the start and after training
+    assert gates["sentences"] == cli.SMOKE.test_size and len(gates["trained"]["stats"]) == layers
+    assert all(0.0 <= s["mean"] <= 1.0 and s["tokens"] > 0 for s in gates["start"]["stats"].values())
+    assert "gates" not in by["lora:all:r8"] or by["lora:all:r8"]["gates"] is None
+    assert (tmp_path / "gates-loratrf-v-f1-f2-r8.png").stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "| LoRATRF r=8 (v,f1,f2 + filters) |" in printed and str(tmp_path / "results.json") in printed
+    assert "gates of LoRATRF r=8 (v,f1,f2 + filters), seed 0" in printed and "| layer 5 |" in printed
     # a second call finds every run done and trains nothing
     assert cli.main(["demo", "--smoke", "--out", str(tmp_path)]) == 0
     assert "3 already in" in capsys.readouterr().out
@@ -387,6 +393,41 @@ def test_smoke_demo_trains_evaluates_and_writes_results(tmp_path, capsys):
     text = page.read_text()
     assert "my notes" in text and "old tables" not in text
     assert f"## {tmp_path.name}" in text and f"![demo](../figs/{tmp_path.name}-demo.png)" in text
+    picture = f"{tmp_path.name}-gates-loratrf-v-f1-f2-r8.png"
+    assert f"![gates of loratrf:v,f1,f2:r8](../figs/{picture})" in text and (tmp_path / "figs" / picture).exists()
+
+
+def test_the_picture_takes_short_sentences_of_each_class_in_turn():
+    from loratrf.experiments.gate_stats import PICTURE_SENTENCES, picture_rows
+    from loratrf.experiments.training import Encoded
+
+    lengths = [3, 8, 8, 20, 9, 10, 7, 6, 8, 8, 8, 8, 8]
+    labels = [0, 0, 0, 1, 0, 1, 1, 0, 0, 0, 0, 0, 0]
+    data = Encoded([[1] * n for n in lengths], torch.tensor(labels))
+    # readable lengths (6 to 14 tokens): class 0 at rows 1, 2, 4, 7, ...; class 1 at rows 5 and 6
+    assert picture_rows(data) == [1, 5, 2, 6, 4, 7][:PICTURE_SENTENCES]
+
+
+def test_the_gate_table_has_a_row_per_layer_and_both_phases():
+    from loratrf.experiments.gate_stats import gate_table, layer_name, ranges
+
+    def stats(mean, open_, spread):
+        return {"mean": mean, "open": open_, "spread": spread, "class_means": [mean / 2, mean * 1.5]}
+
+    gates = {
+        "start": {
+            "stats": {"bert.encoder.layer.0": stats(0.02, 0.5, 0.01), "bert.encoder.layer.1": stats(0.04, 0.7, 0.03)}
+        },
+        "trained": {
+            "stats": {"bert.encoder.layer.0": stats(0.1, 0.9, 0.2), "bert.encoder.layer.1": stats(0.3, 1.0, 0.1)}
+        },
+    }
+    lines = gate_table(gates)
+    assert len(lines) == 4 and lines[2] == (
+        "| layer 0 | 0.020 | 50% | 0.010 | 0.010 / 0.030 | 0.100 | 90% | 0.200 | 0.050 / 0.150 |"
+    )
+    assert ranges(gates, "trained") == "mean s 0.100-0.300, open 90-100%, spread 0.100-0.200"
+    assert layer_name("bert.encoder.layer.3") == "layer 3" and layer_name("proj") == "proj"
 
 
 class FakeRunner:
