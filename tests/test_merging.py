@@ -133,15 +133,21 @@ def test_unload_by_default_keeps_what_a_filtered_model_computes(seed, merge):
     torch.manual_seed(seed)
     model = Net(layers=3, d=16)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    loratrf.inject(model, targets=TARGETS, filters=FILTERS)
+    loratrf.inject(model, targets=TARGETS, filters=[*FILTERS, r"layers\.\d+\.up"])
     randomise_adapters(model)
     y = model(ids)
     filters = [layer.task_filter for layer in model.layers]
+    up_filters = [layer.up.task_filter for layer in model.layers]
     loratrf.unload(model, merge=merge)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert [layer.task_filter for layer in model.layers] == filters
     if merge:
         close_through_layers(model(ids), y)
+    y_plain = model(ids)
+    loratrf.inject(model, targets=[r"layers\.\d+\.up"])  # a kept filter's host can be a target again
+    assert torch.equal(model(ids), y_plain)
+    assert [layer.up.task_filter for layer in model.layers] == up_filters
+    assert all(isinstance(layer.up, LoRALinear) for layer in model.layers)
     loratrf.unload(model, keep_filters=False)
     assert not any(isinstance(m, TaskAwareFilter) for m in model.modules())
     if not merge:

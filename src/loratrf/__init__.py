@@ -16,6 +16,7 @@ from loratrf.lora import LoRALinear
 from loratrf.low_rank import LowRankTransform
 from loratrf.merging import merge, reset_adapters, unload, unmerge
 from loratrf.param_summary import Summary, summary
+from loratrf.peft_format import export_peft, import_peft
 
 __all__ = [
     "AdapterFileError",
@@ -31,7 +32,9 @@ __all__ = [
     "TaskAwareFilter",
     "adapter_state_dict",
     "calibrate_filters",
+    "export_peft",
     "gate_statistics",
+    "import_peft",
     "inject",
     "load_adapter",
     "merge",

@@ -62,8 +62,8 @@ def parameter_slots(module: nn.Module) -> list[str]:
     return list(module._parameters)
 
 
-def has_hooks(module: nn.Module) -> bool:
-    """Whether hooks are registered on `module` itself; torch has no public query for it."""
-    return bool(
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
-    )
+def has_hooks(module: nn.Module, besides: tuple[int, ...] = ()) -> bool:
+    """Whether hooks other than the forward hooks of ids `besides` are registered on `module`
+    itself; torch has no public query for it."""
+    forward = set(module._forward_hooks) - set(besides)
+    return bool(forward or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)

@@ -10,6 +10,7 @@ plan and the tensors, so damaged bytes anywhere are caught, not loaded. Other to
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,11 +24,10 @@ import torch
 from torch import Tensor, nn
 
 from loratrf.config import Plan
-from loratrf.errors import AdapterFileError, InjectionError
+from loratrf.errors import AdapterFileError, InjectionError, MergeError
 from loratrf.filter import FILTER_NAME, TaskAwareFilter, filter_of
 from loratrf.inject import apply_plan, engine_problem, named_candidates
 from loratrf.lora import LoRALinear, is_conv1d
-from loratrf.low_rank import LowRankTransform
 from loratrf.walk import named_adapter_parameters, named_filters, named_lora_layers, unwrap
 
 FORMAT = "loratrf-adapter"
@@ -122,6 +122,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     if wrong:
         raise AdapterFileError(f"{path}: adapter shapes do not fit this model: " + "; ".join(wrong))
 
+    merged = [n for n in plan.lora if isinstance(candidates[n], LoRALinear) and candidates[n].merged]
+    if merged:
+        raise MergeError(
+            f"cannot load the adapter: LoRA layer {merged[0]!r} is merged, so its weight holds the current "
+            "update, which new factors would leave behind; call loratrf.unmerge(model) first"
+        )
     new = Plan(
         {n: spec for n, spec in plan.lora.items() if not isinstance(candidates[n], LoRALinear)},
         {h: spec for h, spec in plan.filters.items() if filter_of(candidates[h]) is None},
@@ -209,8 +215,14 @@ def _expected_shapes(candidates, root, plan: Plan, path) -> dict[str, tuple[int,
             problems.append(f"{name!r} already holds a different LoRA adapter {module.spec}, the file has {spec}")
             continue
         in_f, out_f = _linear_shape(module)
-        lora = LowRankTransform(in_f, out_f, spec.rank, spec.alpha, init=spec.init, device="meta")
-        shapes.update({f"{name}.lora.{k}": tuple(p.shape) for k, p in lora.named_parameters()})
+        layer = LoRALinear(in_f, out_f, **dataclasses.asdict(spec), device="meta")  # DoRA's magnitude included
+        shapes.update(
+            {
+                f"{name}.{k}": tuple(p.shape)
+                for k, p in layer.named_parameters()
+                if k not in LoRALinear.base_parameter_names
+            }
+        )
     for host, spec in plan.filters.items():
         module = candidates.get(host)
         if module is None:

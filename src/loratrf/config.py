@@ -29,8 +29,10 @@ GATES: tuple[str, ...] = ("paper", "affine")
 @dataclasses.dataclass(frozen=True)
 class LoRASpec:
     """One LoRA layer: rank `r`, `alpha` (scale `alpha / r`, or `alpha / sqrt(r)` with
-    `rslora`), dropout on the adapter's input, `A`'s init (`"kaiming"` or `"gaussian"`) and the
-    adapter's dtype name (None: float32 beside half-precision weights, else the weight's)."""
+    `rslora`), dropout on the adapter's input, `A`'s init (`"kaiming"` or `"gaussian"`), the
+    adapter's dtype name (None: float32 beside half-precision weights, else the weight's) and
+    `dora`: DoRA's weight decomposition (a trainable magnitude per output feature times the
+    normalised direction `W0 + scale · B A`, Liu et al. 2024) instead of plain LoRA."""
 
     rank: int = 8
     alpha: float = 16.0
@@ -38,6 +40,7 @@ class LoRASpec:
     init: Init = "kaiming"
     rslora: bool = False
     adapter_dtype: str | None = None
+    dora: bool = False
 
     def __post_init__(self) -> None:
         check_low_rank(self.rank, self.alpha, self.init)
@@ -45,6 +48,8 @@ class LoRASpec:
             raise InjectionError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
         if not isinstance(self.rslora, bool):
             raise InjectionError(f"rslora must be True or False, got {self.rslora!r}")
+        if not isinstance(self.dora, bool):
+            raise InjectionError(f"dora must be True or False, got {self.dora!r}")
         torch_dtype(self.adapter_dtype)
 
 
@@ -81,7 +86,8 @@ class InjectionConfig:
     targets: regexes (`re.fullmatch` on qualified module names) of linear layers that get LoRA.
     filters: regexes of modules whose output gets a TaskAwareFilter.
     trainable: regexes of modules that stay fully trainable (a classifier head, say).
-    rank, alpha, dropout, init, rslora: every LoRA layer's `LoRASpec`.
+    rank, alpha, dropout, init, rslora, dora: every LoRA layer's `LoRASpec` (`dora=True`: DoRA
+        layers, a trained magnitude per output feature times the normalised `W0 + scale · B A`).
     filter_rank, filter_alpha: rank and alpha of each filter's `T ≈ U V` (default: LoRA's).
     similarity, task_init, gate: the filters' relevance, task-vector start and gate (`FilterSpec`).
     filter_dim: width of the filtered hidden states, when it cannot be read off the module.
@@ -104,6 +110,7 @@ class InjectionConfig:
     trainable: tuple[str, ...] = ()
     adapter_dtype: str | None = None
     gate: Gate = FilterSpec.gate
+    dora: bool = LoRASpec.dora
 
     def __post_init__(self) -> None:
         for name in ("targets", "filters", "trainable"):
@@ -115,7 +122,7 @@ class InjectionConfig:
 
     def lora_spec(self) -> LoRASpec:
         """The spec every targeted layer gets."""
-        return LoRASpec(self.rank, self.alpha, self.dropout, self.init, self.rslora, self.adapter_dtype)
+        return LoRASpec(self.rank, self.alpha, self.dropout, self.init, self.rslora, self.adapter_dtype, self.dora)
 
     def filter_spec(self, dim: int) -> FilterSpec:
         """The spec of a filter on hidden states of width `dim` (`filter_dim`, when given, wins)."""

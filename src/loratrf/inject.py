@@ -21,7 +21,7 @@ from loratrf._torch_internals import (
 )
 from loratrf.config import InjectionConfig, Plan
 from loratrf.errors import InjectionError
-from loratrf.filter import FILTER_NAME, TaskAwareFilter, attach_filter, filter_of
+from loratrf.filter import FILTER_NAME, TaskAwareFilter, attach_filter, detach_filter, filter_of
 from loratrf.lora import LoRALinear, is_conv1d
 from loratrf.walk import named_adapter_parameters, unwrap
 
@@ -110,10 +110,7 @@ def apply_plan(root: nn.Module, plan: Plan) -> None:
     parents = parent_map(root)
     problems = [p for name in plan.lora if (p := _target_problem(name, candidates, parents))]
     problems += [p for name in plan.filters if (p := _filter_problem(name, candidates, parents))]
-    params = dict(root.named_parameters(remove_duplicate=False))
-    problems += [
-        f"the model has no parameter named {name!r} to keep trainable" for name in plan.trainable if name not in params
-    ]
+    problems += _trainable_problems(root, plan, candidates)
     if problems:
         raise InjectionError("cannot inject:\n- " + "\n- ".join(dict.fromkeys(problems)))
 
@@ -122,6 +119,8 @@ def apply_plan(root: nn.Module, plan: Plan) -> None:
         module = candidates[name]
         if id(module) not in replacements:
             new = replacements[id(module)] = LoRALinear.from_linear(module, **dataclasses.asdict(spec))
+            if filter_of(module) is not None:  # a filter kept by `unload` moves onto the new layer
+                attach_filter(new, detach_filter(module))
             for parent, child_name in parents[id(module)]:
                 setattr(parent, child_name, new)
     hosts: set[int] = set()  # a module registered under several names gets one filter
@@ -135,6 +134,30 @@ def apply_plan(root: nn.Module, plan: Plan) -> None:
         attach_filter(host, TaskAwareFilter.from_spec(spec, device, host_dtype))
     sync_fused_encoder_paths(root)
     _freeze_base(root, plan.trainable)
+
+
+def _trainable_problems(root: nn.Module, plan: Plan, candidates: Mapping[str, nn.Module]) -> list[str]:
+    """Trainable parameters that do not exist, or that are the frozen base of a LoRA layer
+    (one already injected or one the plan adds)."""
+    params = dict(root.named_parameters(remove_duplicate=False))
+    lora_layers = {n: m for n, m in candidates.items() if isinstance(m, LoRALinear)}
+    lora_layers.update({n: candidates[n] for n in plan.lora if n in candidates})
+    base = {
+        id(p): n
+        for n, m in lora_layers.items()
+        for p in (getattr(m, "weight", None), getattr(m, "bias", None))
+        if p is not None
+    }
+    problems = []
+    for name in plan.trainable:
+        if name not in params:
+            problems.append(f"the model has no parameter named {name!r} to keep trainable")
+        elif id(params[name]) in base:
+            problems.append(
+                f"trainable parameter {name!r} is the base of LoRA layer {base[id(params[name])]!r}, which must "
+                "stay frozen; make a module either trainable or a LoRA target, not both"
+            )
+    return problems
 
 
 def engine_problem(model: nn.Module) -> str | None:
@@ -257,9 +280,15 @@ def _target_problem(name: str, candidates: Mapping[str, nn.Module], parents) -> 
             f"{name!r} has its forward replaced on the instance (a patch or an offloading hook); "
             "inject before patching it"
         )
-    if has_hooks(module):
+    if has_hooks(module, besides=_filter_hooks(module)):
         return f"{name!r} has hooks registered; inject first, then register the hooks on the injected layer"
     return _bypass_problem(name, module, parents)
+
+
+def _filter_hooks(module: nn.Module) -> tuple[int, ...]:
+    """The id of the forward hook through which loratrf's filter on `module` runs, if any."""
+    task_filter = filter_of(module)
+    return (task_filter.hook_handle.id,) if task_filter is not None else ()
 
 
 def _filter_problem(name: str, candidates: Mapping[str, nn.Module], parents) -> str | None:

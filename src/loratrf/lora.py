@@ -45,10 +45,17 @@ class LoRALinear(nn.Module):
     `merge()` folds the update into `W0` (the paper's `W_ft = W0 + BA`), after which the
     forward is the plain base map; `unmerge()` takes it out again. Both compute in at least
     float32 and write back in the weight's dtype.
+
+    With `dora=True` (DoRA, Liu et al. 2024) the layer also holds `magnitude`, a trainable
+    vector `m [out_features]` that starts at the row norms of `W0` (one per output feature),
+    and computes `y = x Wᵀ + b` with `W = m ⊙ (W0 + scale · B A) / ‖W0 + scale · B A‖`, the
+    norm taken per output feature and treated as a constant in backward (DoRA's section 4.3).
+    See `_dora_forward`; `merge` folds `W` into the weight and `unmerge` restores `W0`.
     """
 
     weight: nn.Parameter
     bias: nn.Parameter | None
+    magnitude: nn.Parameter | None  # DoRA's `m [out_features]`; None for plain LoRA
     base_parameter_names = ("weight", "bias")
 
     def __init__(
@@ -64,13 +71,14 @@ class LoRALinear(nn.Module):
         rslora: bool = LoRASpec.rslora,
         fan_in_fan_out: bool = False,
         adapter_dtype: torch.dtype | str | None = None,
+        dora: bool = LoRASpec.dora,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if isinstance(adapter_dtype, torch.dtype):
             adapter_dtype = dtype_name(adapter_dtype)
-        LoRASpec(rank, alpha, dropout, init, rslora, adapter_dtype)  # validates every option
+        LoRASpec(rank, alpha, dropout, init, rslora, adapter_dtype, dora)  # validates every option
         self.in_features, self.out_features = in_features, out_features
         self.fan_in_fan_out = fan_in_fan_out
         self.dropout = float(dropout)
@@ -92,6 +100,12 @@ class LoRALinear(nn.Module):
             device=device,
             dtype=torch_dtype(adapter_dtype) or default_adapter_dtype(self.weight.dtype),
         )
+        self.register_parameter("magnitude", None)
+        # DoRA's `m / ‖W0 + scale · B A‖` at merge time, which `unmerge` divides out again
+        self.register_buffer("_merged_dora_factor", None, persistent=False)
+        if dora:
+            self.magnitude = nn.Parameter(torch.empty(out_features, device=device, dtype=self._magnitude_dtype()))
+            self.reset_magnitude()
         self.register_load_state_dict_pre_hook(keep_absent_adapter_tensors)
         hold_unregistered(self, "base_module", None)
 
@@ -99,7 +113,12 @@ class LoRALinear(nn.Module):
     def spec(self) -> LoRASpec:
         """This layer's options, as `inject` plans them and adapter files store them."""
         t = self.lora
-        return LoRASpec(t.rank, t.alpha, self.dropout, t.init, t.rslora, dtype_name(t.U.dtype))
+        return LoRASpec(t.rank, t.alpha, self.dropout, t.init, t.rslora, dtype_name(t.U.dtype), self.dora)
+
+    @property
+    def dora(self) -> bool:
+        """Whether this is a DoRA layer (it holds a `magnitude`)."""
+        return self.magnitude is not None
 
     @torch.no_grad()
     def _reset_base(self) -> None:
@@ -138,6 +157,9 @@ class LoRALinear(nn.Module):
             if p is not None:
                 p.requires_grad_(False)
         layer.lora.to_empty(device=weight.device).reset_parameters()
+        if layer.dora:
+            layer.magnitude = nn.Parameter(torch.empty_like(layer.magnitude, device=weight.device))
+            layer.reset_magnitude()
         layer.train(base.training)
         hold_unregistered(layer, "base_module", base)  # for `unload`
         return layer
@@ -151,6 +173,8 @@ class LoRALinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.dora and not self.merged:
+            return self._dora_forward(x)
         if self.merged:
             out = self.base_forward(x)
             if self.training and torch.is_grad_enabled() and self.lora.U.requires_grad:
@@ -174,6 +198,82 @@ class LoRALinear(nn.Module):
         frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
         return frozen and fast_path_applies(x, self.weight, self.bias, self.lora.U, self.lora.V)
 
+    # --- DoRA ----------------------------------------------------------------------------------
+
+    def _magnitude_dtype(self) -> torch.dtype:
+        """`m` is kept in at least float32 and in the precision its norm is computed in
+        (`merge_dtype` of the weight), so that a fresh layer's `m / ‖W0‖` is exactly 1."""
+        return torch.promote_types(self.lora.U.dtype, merge_dtype(self.weight.dtype))
+
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        """`m <- ‖W0 + scale · B A‖` per output feature: with a fresh adapter (`B = 0`), the row
+        norms of `W0`, and then the layer computes exactly its base map."""
+        if not self.magnitude.is_meta:  # a meta tensor holds no values to set
+            self.magnitude.copy_(self.dora_weight_norm())
+
+    @torch.no_grad()
+    def dora_weight_norm(self) -> Tensor:
+        """`‖W0 + scale · B A‖` per output feature, `[out_features]`, in `merge_dtype` of the
+        weight (at least float32). Computed without a graph: DoRA treats it as a constant."""
+        dtype = merge_dtype(self.weight.dtype)
+        w = self.weight if self.fan_in_fan_out else self.weight.T  # [in, out]
+        return torch.linalg.vector_norm(w.to(dtype) + self.lora.delta_weight(dtype), dim=0)
+
+    def dora_factor(self, norm: Tensor | None = None) -> Tensor:
+        """`m / ‖W0 + scale · B A‖`, `[out_features]`: differentiable in `m`, the norm a
+        constant (`norm`, when the caller has it). A row whose norm is 0 (a zero row of `W0`
+        with a fresh adapter) gets `m / tiny` (0 while `m` is its norm, 0), never NaN."""
+        norm = self.dora_weight_norm() if norm is None else norm
+        return self.magnitude.to(norm.dtype) / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+
+    def _dora_forward(self, x: Tensor) -> Tensor:
+        """DoRA's `y = f ⊙ (x W0ᵀ + scale · B A x) + b` with `f = m / ‖W0 + scale · B A‖`,
+        computed as `f ⊙ (x W0ᵀ + b + scale · B A x) + (1 - f) ⊙ b`, so a fresh layer
+        (`f = 1` exactly, `B = 0`) returns exactly its base map's output.
+
+        With dropout (training), as PEFT computes it: the DoRA terms take `x_d = dropout(x)`,
+        `y = x W0ᵀ + b + (f - 1) ⊙ (x_d W0ᵀ) + f ⊙ scale · B A x_d`, which is the formula above
+        when nothing is dropped.
+        """
+        out = self.base_forward(x)
+        factor = self.dora_factor().to(out.dtype)
+        if self.dropout and self.training:
+            xd = F.dropout(x, self.dropout, training=True)
+            w = self.weight.T if self.fan_in_fan_out else self.weight  # [out, in]
+            base_d = F.linear(xd, w.to(xd.dtype))
+            return out + (factor - 1) * base_d + factor * self.lora(xd).to(out.dtype)
+        out = self.lora(x, residual=out, inplace=True)
+        if self.bias is None:
+            return out * factor
+        return torch.addcmul((1 - factor) * self.bias.to(out.dtype), out, factor)
+
+    def _dora_merged_weight(self, factor: Tensor, sign: int) -> Tensor:
+        """`f ⊙ (W0 + scale · B A)` (`sign=+1`, from `W0`) or `W / f - scale · B A` (`sign=-1`,
+        from a merged `W`), in `factor`'s dtype, in the layout of `weight`. Rows with `f = 0`
+        (zero rows, see `merge`) come back as `-scale · B A`, the `W0` they had."""
+        dtype = factor.dtype
+        f = factor.view(1, -1) if self.fan_in_fan_out else factor.view(-1, 1)
+        delta = self.delta_weight(dtype)
+        if sign > 0:
+            return f * (self.weight.to(dtype) + delta)
+        return self.weight.to(dtype) / torch.where(f == 0, torch.ones_like(f), f) - delta
+
+    @torch.no_grad()
+    def _dora_merge_factor(self) -> Tensor:
+        """The `f` that `merge` folds in; refuses when `unmerge` could not divide it out again."""
+        norm = self.dora_weight_norm()
+        factor = self.dora_factor(norm)
+        lost = (factor == 0) & (norm != 0)
+        if self.weight.device.type != "meta" and bool(lost.any()):
+            rows = lost.nonzero().flatten().tolist()
+            raise MergeError(
+                f"cannot merge a DoRA layer whose magnitude is 0 on a non-zero row (output features "
+                f"{rows[:5]}{'...' if len(rows) > 5 else ''}): the merged weight would hold zeros there and "
+                "unmerge could not restore W0; the weight was left unchanged"
+            )
+        return factor
+
     def delta_weight(self, dtype: torch.dtype) -> Tensor:
         """`scale · B A` in the layout of `weight`, computed in `dtype`."""
         delta = self.lora.delta_weight(dtype)  # [in, out]
@@ -182,43 +282,55 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merged_weight(self, sign: int = 1) -> Tensor:
         """`W0 ± scale · B A`, computed in at least float32, rounded once to the weight's dtype;
-        `weight` itself is untouched."""
+        `weight` itself is untouched. DoRA: `f ⊙ (W0 + scale · B A)`, or (`sign=-1`, on a merged
+        layer) `W / f - scale · B A` with the `f` folded in at merge time."""
+        if self.dora:
+            factor = self._dora_merge_factor() if sign > 0 else self._merged_dora_factor
+            return self._dora_merged_weight(factor, sign).to(self.weight.dtype)
         dtype = merge_dtype(self.weight.dtype)
         return self.weight.to(dtype).add(self.delta_weight(dtype), alpha=sign).to(self.weight.dtype)
 
     @torch.no_grad()
     def merge(self, safe: bool = True) -> None:
-        """`W0 <- W0 + scale · B A`; a second call does nothing.
+        """`W0 <- W0 + scale · B A` (DoRA: `W0 <- f ⊙ (W0 + scale · B A)`, keeping `f` for
+        `unmerge`); a second call does nothing.
 
         With `safe` (the default) a non-finite result raises `MergeError` and leaves `W0`
-        untouched; `safe=False` skips that check.
+        untouched; `safe=False` skips that check. A DoRA layer whose magnitude is 0 on a
+        non-zero row is always refused (`unmerge` could not divide the 0 out again).
         """
         if self.merged:
             return
-        new = self.merged_weight(+1)
+        factor = self._dora_merge_factor() if self.dora else None
+        new = self._dora_merged_weight(factor, +1).to(self.weight.dtype) if self.dora else self.merged_weight(+1)
         if safe:
             check_finite(new, "merge")
         self.weight.copy_(new)
+        self._merged_dora_factor = factor
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """`W0 <- W0 - scale · B A`; does nothing on an unmerged layer."""
+        """`W0 <- W0 - scale · B A` (DoRA: `W0 <- W / f - scale · B A`); does nothing on an
+        unmerged layer."""
         if not self.merged:
             return
         self.weight.copy_(self.merged_weight(-1))
+        self._merged_dora_factor = None
         self.merged = False
 
     def reset_adapter(self) -> None:
         """Back to the initial state: the update is zero and the layer equals its base."""
         self.unmerge()
         self.lora.reset_parameters()
+        if self.dora:
+            self.reset_magnitude()
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"rank={self.lora.rank}, alpha={self.lora.alpha:g}, dropout={self.dropout:g}, "
-            f"bias={self.bias is not None}, merged={self.merged}"
+            f"bias={self.bias is not None}, merged={self.merged}" + (", dora=True" if self.dora else "")
         )
 
 

@@ -15,10 +15,11 @@ from loratrf.walk import unwrap
 class Summary:
     """Parameter counts of an injected model; `str()` gives a table."""
 
-    lora: int  # trainable LoRA parameters (U and V of every LoRALinear)
+    lora: int  # trainable LoRA parameters (U and V of every LoRALinear, DoRA's magnitudes included)
     filter: int  # trainable task-aware filter parameters (t, U, V)
     other: int  # trainable base parameters (e.g. a classifier head)
     base_total: int  # every base parameter, trainable or not
+    dora: int = 0  # of `lora`: the trainable DoRA magnitude vectors (one entry per output feature)
 
     @property
     def trainable(self) -> int:
@@ -30,8 +31,10 @@ class Summary:
         return 100.0 * self.trainable / self.base_total if self.base_total else 0.0
 
     def __str__(self) -> str:
-        rows = [
-            ("LoRA", self.lora),
+        rows = [("LoRA", self.lora)]
+        if self.dora:
+            rows.append(("  DoRA magnitude", self.dora))
+        rows += [
             ("filters", self.filter),
             ("other trainable", self.other),
             ("trainable total", self.trainable),
@@ -44,15 +47,27 @@ class Summary:
 
 
 def summary(model: nn.Module) -> Summary:
-    """Count `model`'s parameters (shared ones once); works on the meta device."""
+    """Count `model`'s parameters (shared ones once); works on the meta device.
+
+    Adapter layers of PEFT (its tuner layers: LoRA, DoRA, AdaLoRA, ...) count as LoRA too, so
+    one summary compares loratrf's methods with PEFT's on the same model.
+    """
     kind: dict[int, str] = {}
     root = unwrap(model)
     for module in root.modules():
         if isinstance(module, LoRALinear):
             kind.update({id(p): "lora" for p in module.lora.parameters()})
+            if module.magnitude is not None:
+                kind[id(module.magnitude)] = "dora"
         elif isinstance(module, TaskAwareFilter):
             kind.update({id(p): "filter" for p in module.parameters()})
-    counts = {"lora": 0, "filter": 0, "other": 0, "base_total": 0}
+        elif _is_peft_tuner_layer(module):
+            # its adapters, and its adapters' other tensors (AdaLoRA's frozen `ranknum`)
+            for name in (*module.adapter_layer_names, *getattr(module, "other_param_names", ())):
+                adapters = getattr(module, name, None)
+                if isinstance(adapters, nn.Module):
+                    kind.update({id(p): "lora" for p in adapters.parameters()})
+    counts = {"lora": 0, "filter": 0, "other": 0, "base_total": 0, "dora": 0}
     for p in root.parameters():
         k = kind.get(id(p))
         if k is None:
@@ -60,4 +75,13 @@ def summary(model: nn.Module) -> Summary:
             k = "other"
         if p.requires_grad:
             counts[k] += p.numel()
+    counts["lora"] += counts["dora"]
     return Summary(**counts)
+
+
+def _is_peft_tuner_layer(module: nn.Module) -> bool:
+    """A PEFT adapter layer (`peft.tuners.tuners_utils.BaseTunerLayer`), told apart without
+    importing PEFT: its adapters sit in the containers named by `adapter_layer_names`."""
+    return any(
+        cls.__name__ == "BaseTunerLayer" and cls.__module__.startswith("peft.") for cls in type(module).__mro__
+    ) and isinstance(getattr(module, "adapter_layer_names", None), tuple)

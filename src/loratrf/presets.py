@@ -131,3 +131,5 @@ LORA_DEBERTA_V3 = preset("deberta", MATRICES, rank=8, alpha=16.0)
 # alpha 64 as in the LLaMA LoRA baselines it compares with.
 LORATRF_LLAMA = preset("llama", ("o", "f1", "f2"), filters=True, rank=32, alpha=64.0)
 LORA_LLAMA = preset("llama", MATRICES, rank=32, alpha=64.0)
+# Its DoRA baseline (Table 2's strongest LLaMA-7B row): LORA_LLAMA's layers as DoRA layers.
+DORA_LLAMA = preset("llama", MATRICES, rank=32, alpha=64.0, dora=True)

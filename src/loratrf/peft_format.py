@@ -1,0 +1,481 @@
+"""PEFT's LoRA adapter folders: `export_peft` writes one, `import_peft` reads one.
+
+A PEFT LoRA adapter is a folder with `adapter_config.json` (a `peft.LoraConfig`) and
+`adapter_model.safetensors`, whose keys are `base_model.model.<module>.lora_A.weight`
+(`A`, `[r, in]`) and `...lora_B.weight` (`B`, `[out, r]`) for every adapted module, named as in
+the base model's `named_modules()`. PEFT computes `base(x) + scale · B A dropout(x)` with
+`scale = lora_alpha / r` (or `/ sqrt(r)` with `use_rslora`), exactly what `LoRALinear` computes
+with `U = Aᵀ` and `V = Bᵀ`; `A` and `B` keep that layout for GPT-2's Conv1D too
+(`fan_in_fan_out` only describes the base weight). Neither function needs PEFT installed.
+
+Module names are written exactly: `target_modules` lists the full names (PEFT matches list
+entries as name suffixes, so where an entry would also match another module it is one regex,
+which PEFT full-matches), and each layer whose rank or alpha differs from the config's `r` /
+`lora_alpha` gets its full name in `rank_pattern` / `alpha_pattern`. `export_peft` checks with
+PEFT's matching rules (the current one and that of 0.13 and earlier) that every layer resolves
+to its own rank and alpha.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import Tensor, nn
+
+from loratrf.config import LoRASpec, Plan
+from loratrf.errors import AdapterFileError, InjectionError
+from loratrf.filter import TaskAwareFilter
+from loratrf.inject import SUPPORTED_TARGETS, apply_plan, engine_problem, named_candidates
+from loratrf.lora import LoRALinear, is_conv1d
+from loratrf.walk import named_adapter_parameters, named_filters, named_lora_layers, unwrap
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"  # older PEFT releases; read with weights_only=True
+PREFIX = "base_model.model."
+_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight")
+
+# adapter_config.json options loratrf understands; any other option must hold its default
+_UNDERSTOOD = {
+    "peft_type",
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "auto_mapping",
+    "peft_version",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "exclude_modules",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_rslora",
+    "fan_in_fan_out",  # loratrf reads the base layer's layout off the module itself
+    "init_lora_weights",
+    "layers_to_transform",
+    "layers_pattern",
+    "bias",
+    "modules_to_save",
+    "use_dora",
+    "lora_bias",
+}
+# options whose PEFT default is not None/False/empty
+_NON_EMPTY_DEFAULTS = {"megatron_core": "megatron.core", "qalora_group_size": 16}
+# options that change what the model computes (or trains) in ways loratrf's LoRA cannot express
+_UNREPRESENTABLE = {
+    "modules_to_save": "PEFT trains and saves whole copies of these modules; loratrf's import adds LoRA layers only",
+    "use_dora": "DoRA (weight-decomposed LoRA) is not in loratrf yet",
+    "lora_bias": "PEFT trains a bias on each lora_B; loratrf's LoRA has none",
+}
+
+
+def export_peft(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    lora_only: bool = False,
+    base_model_name_or_path: str | None = None,
+) -> dict[str, Any]:
+    """Write the LoRA layers of `model` as a PEFT LoRA adapter folder (created if missing):
+    `adapter_config.json` and `adapter_model.safetensors`, which
+    `peft.PeftModel.from_pretrained(base_model, directory)` loads onto the base model to
+    compute what `model` computes. Returns the config written.
+
+    PEFT's LoRA cannot express task-aware filters or trainable base parameters (a classifier
+    head, say): a model holding any is refused with `AdapterFileError`, unless `lora_only=True`
+    asks for the LoRA layers alone (the model PEFT loads then lacks the rest, and computes
+    something else). `base_model_name_or_path` goes into the config (default: the model's
+    `config._name_or_path`, for Hugging Face models). Under `torch.distributed` only rank 0
+    writes; a sharded (FSDP2) model's tensors are gathered, so there every rank must call this.
+    """
+    root = unwrap(model)
+    layers = dict(named_lora_layers(root))
+    if not layers:
+        raise AdapterFileError("the model holds no LoRA layers to export; call loratrf.inject first")
+    if not lora_only:
+        _refuse_what_peft_cannot_hold(root)
+    config = peft_config(root, layers, base_model_name_or_path)
+    tensors: dict[str, Tensor] = {}
+    for name, layer in layers.items():
+        U, V = (_full_tensor(p.detach()) for p in (layer.lora.U, layer.lora.V))
+        if U.is_meta or V.is_meta:
+            raise AdapterFileError(
+                f"the adapter of {name!r} is on the meta device and holds no values; materialise the model first"
+            )
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = U.T.cpu().contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = V.T.cpu().contiguous()
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return config
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_atomically(directory / WEIGHTS_NAME, safetensors.torch.save(tensors, metadata={"format": "pt"}))
+    _write_atomically(directory / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+    return config
+
+
+def peft_config(
+    root: nn.Module, layers: Mapping[str, LoRALinear], base_model_name_or_path: str | None = None
+) -> dict[str, Any]:
+    """The `adapter_config.json` (a `peft.LoraConfig`, as a dict) for these LoRA layers of `root`."""
+    dropouts = {layer.dropout for layer in layers.values()}
+    rsloras = {layer.lora.rslora for layer in layers.values()}
+    if len(dropouts) > 1:
+        raise AdapterFileError(
+            f"the LoRA layers use different dropouts {sorted(dropouts)}, and PEFT's LoRA has one "
+            "lora_dropout for all; inject them with one dropout to export them"
+        )
+    if len(rsloras) > 1:
+        raise AdapterFileError(
+            "some LoRA layers use rsLoRA's scale (alpha / sqrt(r)) and others alpha / r, and PEFT's "
+            "use_rslora holds for all; inject them alike to export them"
+        )
+    ranks = {name: layer.lora.rank for name, layer in layers.items()}
+    alphas = {name: _number(layer.lora.alpha) for name, layer in layers.items()}
+    r, alpha = _most_common(ranks.values()), _most_common(alphas.values())
+    rank_pattern, alpha_pattern = _patterns(ranks, r), _patterns(alphas, alpha)
+    names = list(layers)
+    if not _patterns_resolve(rank_pattern, alpha_pattern, r, alpha, ranks, alphas):
+        rank_pattern, alpha_pattern = _patterns(ranks, None), _patterns(alphas, None)  # every layer, longest first
+        if not _patterns_resolve(rank_pattern, alpha_pattern, r, alpha, ranks, alphas):
+            raise AdapterFileError(
+                "PEFT's rank_pattern / alpha_pattern match module names by suffix, and cannot give each of "
+                f"these LoRA layers its own rank and alpha: {names}; give the layers one rank and alpha"
+            )
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(root, "config", None), "_name_or_path", None) or None
+    init = _most_common(layer.lora.init for layer in layers.values())
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropouts.pop(),
+        "target_modules": _target_modules(root, names),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": rsloras.pop(),
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
+        "bias": "none",
+        "modules_to_save": None,
+        "init_lora_weights": "gaussian" if init == "gaussian" else True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+
+
+def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
+    """Inject LoRA layers from a PEFT LoRA adapter folder into `model`, the base model it was
+    trained on, so that `model` computes what PEFT computes with it (`rank_pattern`,
+    `alpha_pattern`, `use_rslora`, GPT-2's Conv1D included). Like `inject`, this freezes every
+    base parameter; filters can be added afterwards with a further `inject`. Returns the names
+    of the layers injected.
+
+    Every check runs before the model changes. A folder without the two files, a file that is
+    truncated or not PEFT's, or tensors that do not fit the model raise `AdapterFileError`;
+    so does whatever loratrf cannot represent (another `peft_type` than LoRA, `modules_to_save`,
+    LoRA on embeddings or convolutions, DoRA, trained biases, ...), named in the message.
+    """
+    directory = Path(directory)
+    config = read_peft_config(directory)
+    tensors = _read_weights(directory)
+    pairs = _lora_pairs(tensors, directory)
+    root = unwrap(model)
+    candidates = named_candidates(root)
+    specs = _specs(config, pairs, candidates, directory)
+    if problem := engine_problem(model):
+        raise InjectionError(f"cannot import the adapter into this model: {problem}")
+    apply_plan(root, Plan(specs, {}, ()))
+    layers = dict(named_lora_layers(root))
+    with torch.no_grad():
+        for name, (A, B) in pairs.items():
+            layers[name].lora.U.copy_(A.T)
+            layers[name].lora.V.copy_(B.T)
+    return list(pairs)
+
+
+def read_peft_config(directory: Path) -> dict[str, Any]:
+    """The adapter_config.json of a PEFT LoRA adapter folder, checked for what loratrf can represent."""
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        where = (
+            "no such folder" if not directory.is_dir() else f"it holds {sorted(p.name for p in directory.iterdir())}"
+        )
+        raise AdapterFileError(f"no PEFT adapter config at {path} ({where}); a PEFT adapter folder holds {CONFIG_NAME}")
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, OSError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise AdapterFileError(f"{path} is not a readable JSON file: {type(e).__name__}: {e}") from None
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise AdapterFileError(f"{path} is not a PEFT adapter config (a JSON object with a 'peft_type')")
+    peft_type = config["peft_type"]
+    if peft_type != "LORA":
+        raise AdapterFileError(
+            f"{path} describes a {peft_type} adapter; loratrf reads PEFT's LoRA adapters only (peft_type 'LORA')"
+        )
+    problems = [f"{key}={config[key]!r} ({why})" for key, why in _UNREPRESENTABLE.items() if config.get(key)]
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias={config['bias']!r} (PEFT trains the base layers' biases; loratrf keeps them frozen)")
+    init = config.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian"):
+        problems.append(
+            f"init_lora_weights={init!r} (PEFT's initialisations such as PiSSA, OLoRA, CorDA and LoftQ change the "
+            "base weights as well, so such an adapter does not apply to the original base; convert it to plain "
+            "LoRA with PEFT's save_pretrained(path_initial_model_for_weight_conversion=...))"
+        )
+    for key, value in config.items():
+        if key not in _UNDERSTOOD and value not in (None, False, [], {}, "", _NON_EMPTY_DEFAULTS.get(key)):
+            problems.append(f"{key}={value!r} (an option loratrf does not represent)")
+    if problems:
+        raise AdapterFileError(
+            f"{path}: this PEFT LoRA adapter uses what loratrf cannot represent: " + "; ".join(problems)
+        )
+    return config
+
+
+def _read_weights(directory: Path) -> dict[str, Tensor]:
+    path = directory / WEIGHTS_NAME
+    try:
+        if path.is_file():
+            with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
+                return {key: f.get_tensor(key) for key in f.keys()}
+        if (directory / PICKLE_WEIGHTS_NAME).is_file():
+            path = directory / PICKLE_WEIGHTS_NAME
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(tensors, dict) or not all(isinstance(t, Tensor) for t in tensors.values()):
+                raise ValueError("not a dict of tensors")
+            return tensors
+    except Exception as e:  # safetensors and torch raise many types for damaged or hostile files
+        raise AdapterFileError(
+            f"{path} is not a readable PEFT adapter weights file (truncated or corrupted): {type(e).__name__}: {e}"
+        ) from None
+    raise AdapterFileError(f"no PEFT adapter weights in {directory}: it holds no {WEIGHTS_NAME}")
+
+
+def _lora_pairs(tensors: Mapping[str, Tensor], directory: Path) -> dict[str, tuple[Tensor, Tensor]]:
+    """`module name -> (A [r, in], B [out, r])`, from PEFT's keys."""
+    found: dict[str, dict[str, Tensor]] = {}
+    problems = []
+    for key, tensor in tensors.items():
+        match = _KEY.fullmatch(key)
+        if match:
+            found.setdefault(match["module"], {})[match["which"]] = tensor
+        elif "lora_embedding_" in key:
+            problems.append(f"{key!r} (LoRA on an embedding layer; loratrf's LoRA targets are {SUPPORTED_TARGETS})")
+        elif "lora_magnitude_vector" in key:
+            problems.append(f"{key!r} (DoRA's magnitude; DoRA is not in loratrf yet)")
+        else:
+            problems.append(f"{key!r} (not a PEFT LoRA tensor key '{PREFIX}<module>.lora_A.weight' / .lora_B.weight)")
+    for name, pair in found.items():
+        if set(pair) != {"A", "B"}:
+            missing = ({"A", "B"} - set(pair)).pop()
+            problems.append(f"{PREFIX}{name}.lora_{missing}.weight is missing")
+        elif pair["A"].ndim != 2 or pair["B"].ndim != 2 or pair["A"].shape[0] != pair["B"].shape[1]:
+            problems.append(
+                f"{name!r}: lora_A {tuple(pair['A'].shape)} and lora_B {tuple(pair['B'].shape)} are not "
+                "a linear layer's [r, in] and [out, r]"
+            )
+        elif not (pair["A"].is_floating_point() and pair["B"].is_floating_point()):
+            problems.append(f"{name!r}: lora_A and lora_B are not floating-point tensors")
+    if not found and not problems:
+        problems.append("it holds no LoRA tensors")
+    if problems:
+        raise AdapterFileError(f"{directory / WEIGHTS_NAME}: " + "; ".join(problems))
+    return {name: (pair["A"], pair["B"]) for name, pair in found.items()}
+
+
+def _specs(
+    config: Mapping[str, Any], pairs: Mapping[str, tuple[Tensor, Tensor]], candidates, directory: Path
+) -> dict[str, LoRASpec]:
+    """Each module's `LoRASpec`, after checking it against the model and the config."""
+    path = directory / CONFIG_NAME
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
+        raise AdapterFileError(f"{path}: rank_pattern and alpha_pattern must be JSON objects")
+    regexes = [*rank_pattern, *alpha_pattern]
+    for key in ("target_modules", "exclude_modules"):
+        regexes += [config[key]] if isinstance(config.get(key), str) else []
+    for regex in regexes:
+        try:
+            re.compile(regex)
+        except re.error as e:
+            raise AdapterFileError(f"{path}: {regex!r} is not a valid regular expression: {e}") from None
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    init = "gaussian" if config.get("init_lora_weights", True) == "gaussian" else "kaiming"
+    shared = dict(dropout=config.get("lora_dropout", 0.0), init=init, rslora=config.get("use_rslora", False))
+    try:
+        LoRASpec(**shared)
+    except InjectionError as e:
+        raise AdapterFileError(f"{path}: {e}") from None
+    specs, problems = {}, []
+    for name, (A, B) in pairs.items():
+        module = candidates.get(name)
+        if module is None:
+            problems.append(f"the model has no module named {name!r} (is the adapter from another model?)")
+            continue
+        if isinstance(module, LoRALinear):
+            problems.append(f"{name!r} already has a LoRA adapter; import into the base model")
+            continue
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+            problems.append(f"{name!r} is a {type(module).__name__}; loratrf's LoRA targets are {SUPPORTED_TARGETS}")
+            continue
+        if not _targeted(config, name):
+            problems.append(
+                f"the weights hold LoRA tensors for {name!r}, which the config's target_modules "
+                f"{config.get('target_modules')!r} does not name, so PEFT would not load them"
+            )
+            continue
+        rows, cols = module.weight.shape
+        in_f, out_f = (rows, cols) if is_conv1d(module) else (cols, rows)
+        rank = _resolve(rank_pattern, r, name)
+        if tuple(A.shape) != (rank, in_f) or tuple(B.shape) != (out_f, rank):
+            problems.append(
+                f"{name!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, where this model's layer and the "
+                f"config's rank {rank!r} need ({rank}, {in_f}) and ({out_f}, {rank})"
+            )
+            continue
+        try:
+            specs[name] = LoRASpec(rank=rank, alpha=_resolve(alpha_pattern, alpha, name), **shared)
+        except InjectionError as e:
+            problems.append(f"{name!r}: {e}")
+    if problems:
+        raise AdapterFileError(f"{directory} does not fit this model: " + "; ".join(dict.fromkeys(problems)))
+    return specs
+
+
+def _targeted(config: Mapping[str, Any], name: str) -> bool:
+    """Whether PEFT would put LoRA on module `name`, as far as target_modules and exclude_modules tell."""
+    targets, exclude = config.get("target_modules"), config.get("exclude_modules")
+    if isinstance(exclude, str) and re.fullmatch(exclude, name):
+        return False
+    if isinstance(exclude, list) and any(name == e or name.endswith(f".{e}") for e in exclude):
+        return False
+    if isinstance(targets, str):
+        return targets == "all-linear" or re.fullmatch(targets, name) is not None
+    if isinstance(targets, list):
+        return any(name == t or name.endswith(f".{t}") for t in targets)
+    return True  # None: PEFT's defaults for the architecture, which the weights' keys reflect
+
+
+def _resolve(pattern: Mapping[str, Any], default: Any, name: str) -> Any:
+    """The value PEFT gives module `name` from a rank_pattern or alpha_pattern (the rule of
+    current PEFT releases: the first key that matches a dot-separated suffix of the name, as a
+    regex; else the default)."""
+    for key in pattern:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return pattern[key]
+    return default
+
+
+def _resolve_old(ranks: Mapping[str, Any], alphas: Mapping[str, Any], r: Any, alpha: Any, name: str) -> tuple:
+    """`(rank, alpha)` as PEFT 0.13 and earlier resolve them: the first key of either pattern that
+    matches after a dot, else the name itself, looked up in both."""
+    key = next((key for key in (*ranks, *alphas) if re.match(rf".*\.{key}$", name)), name)
+    return ranks.get(key, r), alphas.get(key, alpha)
+
+
+def _patterns(values: Mapping[str, Any], default: Any) -> dict[str, Any]:
+    """`name -> value` for every name whose value is not `default`, longest names first."""
+    return {name: values[name] for name in sorted(values, key=len, reverse=True) if values[name] != default}
+
+
+def _patterns_resolve(
+    rank_pattern: Mapping[str, Any], alpha_pattern: Mapping[str, Any], r: Any, alpha: Any, ranks, alphas
+) -> bool:
+    """Whether every layer gets its own rank and alpha, under the current and the older rule."""
+    try:
+        return all(
+            _resolve(rank_pattern, r, name) == ranks[name]
+            and _resolve(alpha_pattern, alpha, name) == alphas[name]
+            and _resolve_old(rank_pattern, alpha_pattern, r, alpha, name) == (ranks[name], alphas[name])
+            for name in ranks
+        )
+    except re.error:  # a module name that is no valid regex
+        return False
+
+
+def _target_modules(root: nn.Module, names: list[str]) -> list[str] | str:
+    """PEFT's target_modules for exactly these modules: the list of names where no other module's
+    name ends with `.<one of them>` (PEFT matches list entries as suffixes), else one regex."""
+    wanted = set(names)
+    others = [n for n in _base_module_names(root) if n not in wanted]
+    if not any(o.endswith(f".{n}") for o in others for n in names):
+        return names
+    return "|".join(re.escape(n) for n in names)
+
+
+def _base_module_names(root: nn.Module) -> list[str]:
+    """The module names a fresh base model would have: loratrf's own submodules left out."""
+    inside: list[str] = []
+    names = []
+    for name, module in root.named_modules():
+        if any(name.startswith(f"{p}.") for p in inside):
+            continue
+        if isinstance(module, TaskAwareFilter):
+            inside.append(name)
+            continue
+        if isinstance(module, LoRALinear):
+            inside.append(name)
+        if name:
+            names.append(name)
+    return names
+
+
+def _refuse_what_peft_cannot_hold(root: nn.Module) -> None:
+    hosts = [host or "(the model itself)" for host, _ in named_filters(root)]
+    adapter = {name for name, _ in named_adapter_parameters(root)}
+    trainable = [n for n, p in root.named_parameters() if p.requires_grad and n not in adapter]
+    held = []
+    if hosts:
+        held.append(f"task-aware filters (on {', '.join(map(repr, hosts))})")
+    if trainable:
+        held.append(f"trainable base parameters ({', '.join(map(repr, trainable))})")
+    if held:
+        raise AdapterFileError(
+            f"PEFT's LoRA format cannot hold the model's {' and '.join(held)}; export_peft(model, directory, "
+            "lora_only=True) writes the LoRA layers alone (PEFT then computes without the rest), and "
+            "loratrf.save_adapter saves everything"
+        )
+
+
+def _most_common(values: Iterable[Any]) -> Any:
+    return collections.Counter(values).most_common(1)[0][0]
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def _full_tensor(t: Tensor) -> Tensor:
+    full_tensor = getattr(t, "full_tensor", None)  # a sharded DTensor's; a collective
+    return full_tensor() if full_tensor is not None else t
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+__all__ = ["export_peft", "import_peft"]
