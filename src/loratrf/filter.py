@@ -8,10 +8,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from loratrf import kernels
 from loratrf.base_checkpoints import keep_absent_adapter_tensors
 from loratrf.errors import FilterOutputError, InjectionError
-from loratrf.fused import fast_path_applies, task_filter
-from loratrf.lora import LOW_PRECISION
 from loratrf.low_rank import Init, LowRankTransform
 
 Similarity = Literal["cosine", "dot"]
@@ -76,14 +75,7 @@ class TaskAwareFilter(nn.Module):
 
     def relevance(self, h: Tensor) -> Tensor:
         """`s = clamp(sim(h, t), 0, 1)`: `[..., dim] -> [..., 1]`, in at least float32."""
-        if h.dtype in LOW_PRECISION:
-            h = h.float()
-        t = self.task_vector.to(h.dtype)
-        score = h @ t
-        if self.similarity == "cosine":
-            norms = torch.linalg.vector_norm(h, dim=-1) * torch.linalg.vector_norm(t)
-            score = score / norms.clamp_min(self.eps)
-        return score.clamp(0.0, 1.0).unsqueeze(-1)
+        return kernels.relevance(h, self.task_vector, self.similarity == "cosine", self.eps).unsqueeze(-1)
 
     def forward(self, h: Tensor) -> Tensor:
         if h.shape[-1] != self.dim:
@@ -93,9 +85,7 @@ class TaskAwareFilter(nn.Module):
                 f"filter_dim={h.shape[-1]} (or filter a module whose output has width {self.dim})"
             )
         T = self.transform
-        if fast_path_applies(h, self.task_vector, T.U, T.V):
-            return task_filter(h, self.task_vector, T.U, T.V, T.scale, self.similarity == "cosine", self.eps)
-        return T(h, gate=self.relevance(h), residual=h)
+        return kernels.task_filter(h, self.task_vector, T.U, T.V, T.scale, self.similarity == "cosine", self.eps)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, similarity={self.similarity!r}, task_init={self.task_init!r}"

@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from loratrf import kernels
 from loratrf.base_checkpoints import keep_absent_adapter_tensors
 from loratrf.errors import InjectionError, MergeError
-from loratrf.fused import fast_path_applies, lora_linear
 from loratrf.low_rank import Init, LowRankTransform
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -132,11 +131,7 @@ class LoRALinear(nn.Module):
 
     def base_forward(self, x: Tensor) -> Tensor:
         """The frozen map `x W0ᵀ + b`, computed exactly as the wrapped module computes it."""
-        if not self.fan_in_fan_out:
-            return F.linear(x, self.weight, self.bias)
-        x2 = x.reshape(-1, x.shape[-1])
-        out = x2 @ self.weight if self.bias is None else torch.addmm(self.bias, x2, self.weight)
-        return out.view(*x.shape[:-1], self.out_features)
+        return kernels.base_linear(x, self.weight, self.bias, self.fan_in_fan_out)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
@@ -144,23 +139,26 @@ class LoRALinear(nn.Module):
             if self.training and torch.is_grad_enabled() and self.lora.U.requires_grad:
                 out = _RefuseBackwardWhileMerged.apply(out, self.lora.U)
             return out
-        dropout = self.dropout and self.training
         lora = self.lora
-        if not dropout and self.fast_path_applies(x):
-            return lora_linear(x, self.weight, self.bias, lora.U, lora.V, lora.scale, self.fan_in_fan_out)
-        out = self.base_forward(x)
-        if dropout:
-            x = F.dropout(x, self.dropout, training=True)
-        return lora(x, residual=out, inplace=True)
+        dropout = self.dropout if self.training else 0.0
+        return kernels.lora_linear(
+            x,
+            self.weight,
+            self.bias,
+            lora.U,
+            lora.V,
+            lora.scale,
+            self.fan_in_fan_out,
+            dropout=dropout,
+            fused=self.fast_path_applies(x),
+        )
 
     def fast_path_applies(self, x: Tensor) -> bool:
-        """`loratrf.fused.lora_linear` serves float32/float64 layers whose base is frozen, with
-        input, weight and adapter of one dtype and autocast off; the rest runs the plain formula
-        (as does an input of the wrong width, so it fails with the base layer's own error)."""
-        if x.shape[-1] != self.in_features:
-            return False
-        frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
-        return frozen and fast_path_applies(x, self.weight, self.bias, self.lora.U, self.lora.V)
+        """Whether `x` runs `loratrf.kernels.LoRALinearFunction` (`kernels.lora_fast_path_applies`:
+        float32/float64, one dtype, frozen base, no active dropout, autocast off, the right width);
+        otherwise the plain formula runs."""
+        dropout = self.dropout if self.training else 0.0
+        return kernels.lora_fast_path_applies(x, self.weight, self.bias, self.lora.U, self.lora.V, dropout)
 
     def delta_weight(self, dtype: torch.dtype) -> Tensor:
         """`scale · B A` in the layout of `weight`, computed in `dtype`."""
