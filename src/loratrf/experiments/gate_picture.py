@@ -14,6 +14,7 @@ from loratrf.experiments.gate_stats import first_gate_run, layer_name
 from loratrf.experiments.packages import require
 
 GAMMA = 0.5  # the colour scale's power: small gates stay visible beside large ones; the bar shows s itself
+SHOWN = 4  # sentences drawn (of the PICTURE_SENTENCES recorded, which alternate between the classes)
 
 
 def picture_name(method: str) -> str:
@@ -24,7 +25,7 @@ def picture_name(method: str) -> str:
 def draw(gates: Mapping, title: str, path: Path) -> Path | None:
     """One panel per sentence and phase (start, trained): rows are layers, columns tokens,
     colour the gate `s` on a fixed [0, 1] scale. Returns `path`, or None without sentences."""
-    tokens = gates["picture"]["tokens"]
+    tokens = gates["picture"]["tokens"][:SHOWN]
     if not tokens:
         return None
     matplotlib = require("matplotlib", "matplotlib")
@@ -41,7 +42,7 @@ def draw(gates: Mapping, title: str, path: Path) -> Path | None:
         len(tokens),
         len(phases),
         figsize=(1.2 + 0.62 * widest * len(phases), 0.25 + (0.3 * len(hosts) + 0.75) * len(tokens)),
-        dpi=110,
+        dpi=90,
         squeeze=False,
         constrained_layout=True,
     )

@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover
 PAPER_LORA = "lora:all:r8"  # the paper's LoRA baseline: r=8 on all six matrices
 PAPER_LORATRF = "loratrf:v,f1,f2:r8"  # the paper's DeBERTa setup: r=8 on W_v, W_f1, W_f2, filters on every layer
 RANKS = (4, 8, 16, 32)
-STUDY_NAMES = ("demo", "rank", "module", "ablation", "domains", "trec", "table1")
+STUDY_NAMES = ("demo", "rank", "module", "ablation", "domains", "trec", "table1", "starts")
 # The paper's Table 1 rows at this scale, every LoRA-type row at one LoRA budget (r=8 on v,f1,f2,
 # the paper's LoRATRF placement); then the head alone (the floor) and the paper's all-six LoRA row.
 # Houlsby and Pfeiffer adapters are left out: see docs/results.md.
@@ -123,6 +123,14 @@ def studies(base: nn.Module, ranks: Sequence[int] = RANKS) -> dict[str, Study]:
             "(r=8 on v,f1,f2); the head alone and the paper's all-six LoRA baseline beside them. No Houlsby or "
             "Pfeiffer adapters (no maintained package for them works with transformers 5)",
             TABLE1,
+            ("movies",),
+        ),
+        "starts": Study(
+            "Where the filters' gates start (docs/method.md), at the same LoRA targets (v,f1,f2, r=8): "
+            "random task vectors (the paper's form), the contrastive direction (':con') and the mean direction "
+            "(':cal'), each also with the affine gate (':aff'); the affine gate alone; and LoRA without filters",
+            tuple(f"{PAPER_LORATRF}{suffix}" for suffix in ("", ":con", ":con:aff", ":cal", ":cal:aff", ":aff"))
+            + ("lora:v,f1,f2:r8",),
             ("movies",),
         ),
     }

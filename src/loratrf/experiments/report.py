@@ -107,6 +107,10 @@ def findings(name: str, study: Mapping, agg: Mapping) -> list[str]:
         compare("adding filters to LoRA on v,f1,f2 (r=8)", PAPER_LORATRF, "lora:v,f1,f2:r8", tasks[0])
         compare("dot-product minus cosine filters", "loratrf:v,f1,f2:r8:dot", PAPER_LORATRF, tasks[0])
         compare("LoRATRF (v,f1,f2) minus the all-six LoRA baseline", PAPER_LORATRF, PAPER_LORA, tasks[0])
+    elif name == "starts":
+        for method in study["methods"]:
+            if method != PAPER_LORATRF:
+                compare(f"{Method.parse(method).title} minus the paper's form", method, PAPER_LORATRF, tasks[0])
     elif name == "module":
         ranked = sorted(
             (
