@@ -149,6 +149,10 @@ def run(rank, port, out):
     dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
         results = {"ddp": ddp_run(rank, out), "fsdp": fsdp_run(rank, out)}
+        # gloo's worker threads are not joined by destroy_process_group; one that still holds the
+        # last gather's tensors when the interpreter shuts down aborts the process (see
+        # docs/distributed.md, "Teardown"). In the barrier they get the GIL and finish first.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     torch.save(results, out / f"rank{rank}.pt")

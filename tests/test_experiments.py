@@ -371,8 +371,14 @@ def test_smoke_demo_trains_evaluates_and_writes_results(tmp_path, capsys):
         assert 0.0 <= run["test"]["movies"] <= 1.0 and len(run["test_correct"]["movies"]) == cli.SMOKE.test_size
         assert run["train_sentences"] == cli.SMOKE.train_size and len(run["train_loss"]) == 1
     assert (tmp_path / "results.md").exists() and (tmp_path / "plot-demo.png").stat().st_size > 1000
+    gates = by["loratrf:v,f1,f2:r8"]["gates"]  # the filter run's gates, at the start and after training
+    assert gates["sentences"] == cli.SMOKE.test_size and len(gates["trained"]["stats"]) == layers
+    assert all(0.0 <= s["mean"] <= 1.0 and s["tokens"] > 0 for s in gates["start"]["stats"].values())
+    assert "gates" not in by["lora:all:r8"] or by["lora:all:r8"]["gates"] is None
+    assert (tmp_path / "gates-loratrf-v-f1-f2-r8.png").stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "| LoRATRF r=8 (v,f1,f2 + filters) |" in printed and str(tmp_path / "results.json") in printed
+    assert "gates of LoRATRF r=8 (v,f1,f2 + filters), seed 0" in printed and "| layer 5 |" in printed
     # a second call finds every run done and trains nothing
     assert cli.main(["demo", "--smoke", "--out", str(tmp_path)]) == 0
     assert "3 already in" in capsys.readouterr().out
@@ -387,6 +393,41 @@ def test_smoke_demo_trains_evaluates_and_writes_results(tmp_path, capsys):
     text = page.read_text()
     assert "my notes" in text and "old tables" not in text
     assert f"## {tmp_path.name}" in text and f"![demo](../figs/{tmp_path.name}-demo.png)" in text
+    picture = f"{tmp_path.name}-gates-loratrf-v-f1-f2-r8.png"
+    assert f"![gates of loratrf:v,f1,f2:r8](../figs/{picture})" in text and (tmp_path / "figs" / picture).exists()
+
+
+def test_the_picture_takes_short_sentences_of_each_class_in_turn():
+    from loratrf.experiments.gate_stats import PICTURE_SENTENCES, picture_rows
+    from loratrf.experiments.training import Encoded
+
+    lengths = [3, 8, 8, 20, 9, 10, 7, 6, 8, 8, 8, 8, 8]
+    labels = [0, 0, 0, 1, 0, 1, 1, 0, 0, 0, 0, 0, 0]
+    data = Encoded([[1] * n for n in lengths], torch.tensor(labels))
+    # readable lengths (6 to 14 tokens): class 0 at rows 1, 2, 4, 7, ...; class 1 at rows 5 and 6
+    assert picture_rows(data) == [1, 5, 2, 6, 4, 7][:PICTURE_SENTENCES]
+
+
+def test_the_gate_table_has_a_row_per_layer_and_both_phases():
+    from loratrf.experiments.gate_stats import gate_table, layer_name, ranges
+
+    def stats(mean, open_, spread):
+        return {"mean": mean, "open": open_, "spread": spread, "class_means": [mean / 2, mean * 1.5]}
+
+    gates = {
+        "start": {
+            "stats": {"bert.encoder.layer.0": stats(0.02, 0.5, 0.01), "bert.encoder.layer.1": stats(0.04, 0.7, 0.03)}
+        },
+        "trained": {
+            "stats": {"bert.encoder.layer.0": stats(0.1, 0.9, 0.2), "bert.encoder.layer.1": stats(0.3, 1.0, 0.1)}
+        },
+    }
+    lines = gate_table(gates)
+    assert len(lines) == 4 and lines[2] == (
+        "| layer 0 | 0.020 | 50% | 0.010 | 0.010 / 0.030 | 0.100 | 90% | 0.200 | 0.050 / 0.150 |"
+    )
+    assert ranges(gates, "trained") == "mean s 0.100-0.300, open 90-100%, spread 0.100-0.200"
+    assert layer_name("bert.encoder.layer.3") == "layer 3" and layer_name("proj") == "proj"
 
 
 class FakeRunner:
@@ -461,3 +502,166 @@ def test_prepared_methods_hold_the_counted_parameters():
     prepare(head, Method.parse("head"))
     trainable = {name for name, p in head.named_parameters() if p.requires_grad}
     assert trainable == {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"}
+
+
+# --- the baselines of the paper's Tables 1 and 2: BitFit, DoRA, AdaLoRA, DoRA + filters ------------
+
+new_methods = st.one_of(
+    st.builds(lambda lr: Method("bitfit", lr=lr), st.none() | st.floats(1e-6, 1.0)),
+    st.builds(
+        lambda k, m, r: Method(k, m, r, dora=k != "adalora"),
+        st.sampled_from(["lora", "loratrf", "adalora"]),
+        st.lists(st.sampled_from(MATRICES), min_size=1, unique=True).map(tuple),
+        st.integers(1, 64),
+    ),
+)
+
+
+@given(new_methods)
+def test_new_method_specs_round_trip(method):
+    assert Method.parse(str(method)) == method
+
+
+def test_new_method_specs_read_as_documented():
+    assert Method.parse("bitfit") == Method("bitfit") and Method.parse("bitfit").title == "BitFit (biases + head)"
+    assert Method.parse("dora:f2,v,f1:r8") == Method("lora", ("v", "f1", "f2"), 8, dora=True)
+    assert str(Method.parse("dora:v,f1,f2")) == "lora:v,f1,f2:r8:dora"
+    assert Method.parse("lora:v,f1,f2:r8:dora").title == "DoRA r=8 (v,f1,f2)"
+    assert Method.parse("loratrf:v,f1,f2:r8:dora").title == "DoRA r=8 (v,f1,f2 + filters)"
+    assert Method.parse("adalora:v,f1,f2:r8").title == "AdaLoRA r=12→8 (v,f1,f2)"
+    assert Method.parse("adalora:v:r8").learning_rate == Method.parse("lora:v:r8").learning_rate
+    for bad in ("bitfit:r8", "bitfit:v", "adalora", "adalora:v:dora", "adalora:v:dot", "filters:r8:dora", "head:dora"):
+        with pytest.raises(ValueError, match="method specs are"):
+            Method.parse(bad)
+
+
+def test_the_table1_study_holds_the_papers_rows_at_one_lora_budget():
+    found = studies(minilm_shaped_model())["table1"]
+    assert found.tasks == ("movies",)
+    kinds = [(m.kind, m.dora) for m in map(Method.parse, found.methods)]
+    assert kinds == [
+        ("full", False),
+        ("bitfit", False),
+        ("lora", False),
+        ("lora", True),
+        ("adalora", False),
+        ("loratrf", False),
+        ("loratrf", True),
+        ("head", False),
+        ("lora", False),  # the paper's all-six LoRA baseline
+    ]
+    low_rank = [Method.parse(m) for m in found.methods[2:7]]
+    assert {(m.matrices, m.rank) for m in low_rank} == {(("v", "f1", "f2"), 8)}
+
+
+def test_new_methods_hold_the_counted_parameters():
+    import loratrf
+    from loratrf.experiments.methods import prepare
+
+    d, ffn, layers = 384, 1536, 6
+    head = d * d + d + 2 * d + 2
+    lora = 8 * layers * (2 * d + (d + ffn) + (ffn + d))  # 221,184: r=8 on v,f1,f2
+    counts = {}
+    for spec in ("bitfit", "dora:v,f1,f2:r8", "loratrf:v,f1,f2:r8:dora"):
+        model = minilm_shaped_model()
+        prepare(model, Method.parse(spec))
+        counts[spec] = loratrf.summary(model)
+    # every bias: q, k, v, o, f1, f2 and two LayerNorms per layer, the embeddings' LayerNorm, the head's
+    biases = layers * (4 * d + ffn + d + 2 * d) + d
+    assert counts["bitfit"].other == biases + head and counts["bitfit"].lora == 0
+    magnitudes = layers * (d + ffn + d)
+    assert counts["dora:v,f1,f2:r8"].lora == lora + magnitudes and counts["dora:v,f1,f2:r8"].dora == magnitudes
+    assert counts["dora:v,f1,f2:r8"].other == head
+    both = counts["loratrf:v,f1,f2:r8:dora"]
+    assert both.lora == lora + magnitudes and both.filter == layers * (d + 2 * d * 8) and both.other == head
+
+
+def tiny_bert(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_labels=2
+    )
+    return transformers.BertForSequenceClassification(config)
+
+
+def tiny_data(n=64):
+    """`n` random sentences of 5 to 10 token ids, with random labels."""
+    from loratrf.experiments.training import Encoded
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 9, (n,), generator=g).tolist()
+    ids = [[1, *torch.randint(3, 50, (k,), generator=g).tolist(), 2] for k in lengths]
+    return Encoded(ids, torch.randint(0, 2, (n,), generator=g))
+
+
+@pytest.mark.parametrize("allocate", [True, False], ids=["update_and_allocate every step", "never called"])
+def test_adalora_prunes_the_ranks_to_the_budget_only_when_allocated_every_step(allocate):
+    """PEFT's AdaLoRA, trained by the runner's loop: with `update_and_allocate` every step the
+    kept ranks (non-zero entries of `lora_E`) sum to the budget, target r times the matrices;
+    without it every matrix keeps its initial rank, which is plain LoRA (peft #432, #1801)."""
+    import loratrf
+    from loratrf.experiments.methods import AdaLoRA, adalora_schedule, prepare
+    from loratrf.experiments.training import total_steps, train
+
+    model, data = tiny_bert(), tiny_data()
+    config = TrainingConfig(epochs=2, batch_size=8)
+    steps = total_steps(config, len(data))
+    assert steps == 16 and adalora_schedule(steps) == (1, 6)
+    adalora = prepare(model, Method.parse("adalora:v,f1,f2:r4"), total_steps=steps)
+    assert isinstance(adalora, AdaLoRA)
+    counts = loratrf.summary(model)
+    d, ffn, init = 32, 64, 6
+    assert counts.lora == 2 * init * ((d + d) + (d + ffn) + (ffn + d)) + 2 * 3 * init  # A, B and E, at rank 6
+    calls = []
+    if allocate:
+        hooks = adalora
+        real = adalora.after_step
+        adalora.after_step = lambda step: (calls.append(step), real(step))
+    else:
+        hooks = None
+    train(model, data, lr=1e-2, config=config, seed=0, pad_id=0, hooks=hooks)
+    ranks = adalora.ranks()
+    assert len(ranks) == 6 and all(r <= init for r in ranks.values())
+    if allocate:
+        assert calls == list(range(steps))
+        assert sum(ranks.values()) == 4 * 6 and min(ranks.values()) < init
+    else:
+        assert set(ranks.values()) == {init}
+
+
+def test_adalora_extra_loss_is_pefts_orthogonal_regulariser():
+    import torch.nn.functional as F
+
+    from loratrf.experiments.methods import ADALORA_ORTH_REG, prepare
+
+    model = tiny_bert()
+    adalora = prepare(model, Method.parse("adalora:v,f1,f2:r4"), total_steps=10)
+    ids, labels = torch.randint(3, 50, (4, 6)), torch.randint(0, 2, (4,))
+    out = adalora.tuner(input_ids=ids, labels=labels)  # PEFT adds it to the loss the model computes
+    added = out.loss - F.cross_entropy(out.logits, labels)
+    assert adalora.config.orth_reg_weight == ADALORA_ORTH_REG
+    torch.testing.assert_close(adalora.extra_loss(), added, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="total_steps"):
+        prepare(tiny_bert(), Method.parse("adalora:v:r4"))
+
+
+@needs_demo_packages
+def test_smoke_runs_of_the_new_methods_train_evaluate_and_count(tmp_path):
+    specs = ["head", "bitfit", "dora:v,f1,f2:r8", "adalora:v,f1,f2:r8", "loratrf:v,f1,f2:r8:dora"]
+    assert cli.main(["demo", "--smoke", "--threads", "1", "--methods", *specs, "--out", str(tmp_path)]) == 0
+    runs = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["runs"]}
+    assert list(runs) == ["head", "bitfit", "lora:v,f1,f2:r8:dora", "adalora:v,f1,f2:r8", "loratrf:v,f1,f2:r8:dora"]
+    d, ffn, layers = 384, 1536, 6
+    head = d * d + d + 2 * d + 2
+    lora, magnitudes = 8 * layers * (2 * d + 2 * (d + ffn)), layers * (d + ffn + d)
+    assert runs["head"]["params"]["trainable"] == head
+    assert runs["bitfit"]["params"]["other"] == head + layers * (4 * d + ffn + d + 2 * d) + d
+    assert runs["lora:v,f1,f2:r8:dora"]["params"]["lora"] == lora + magnitudes
+    assert runs["lora:v,f1,f2:r8:dora"]["params"]["dora"] == magnitudes
+    assert runs["adalora:v,f1,f2:r8"]["params"]["lora"] == 12 * layers * (2 * d + 2 * (d + ffn)) + 12 * 3 * layers
+    assert runs["loratrf:v,f1,f2:r8:dora"]["params"]["filter"] == layers * (d + 2 * d * 8)
+    # AdaLoRA's 3 smoke steps: warm-up 0, final phase from step 2, where the ranks hold the budget
+    ranks = runs["adalora:v,f1,f2:r8"]["ranks"]
+    assert len(ranks) == 3 * layers and sum(ranks.values()) == 8 * 3 * layers
+    for run in runs.values():
+        assert 0.0 <= run["test"]["movies"] <= 1.0 and len(run["train_loss"]) == 1

@@ -220,11 +220,11 @@ class LoRALinear(nn.Module):
         w = self.weight if self.fan_in_fan_out else self.weight.T  # [in, out]
         return torch.linalg.vector_norm(w.to(dtype) + self.lora.delta_weight(dtype), dim=0)
 
-    def dora_factor(self) -> Tensor:
+    def dora_factor(self, norm: Tensor | None = None) -> Tensor:
         """`m / ‖W0 + scale · B A‖`, `[out_features]`: differentiable in `m`, the norm a
-        constant. A row whose norm is 0 (a zero row of `W0` with a fresh adapter) gets `m / tiny`
-        (0 while `m` is its norm, 0), never NaN."""
-        norm = self.dora_weight_norm()
+        constant (`norm`, when the caller has it). A row whose norm is 0 (a zero row of `W0`
+        with a fresh adapter) gets `m / tiny` (0 while `m` is its norm, 0), never NaN."""
+        norm = self.dora_weight_norm() if norm is None else norm
         return self.magnitude.to(norm.dtype) / norm.clamp_min(torch.finfo(norm.dtype).tiny)
 
     def _dora_forward(self, x: Tensor) -> Tensor:
@@ -263,7 +263,7 @@ class LoRALinear(nn.Module):
     def _dora_merge_factor(self) -> Tensor:
         """The `f` that `merge` folds in; refuses when `unmerge` could not divide it out again."""
         norm = self.dora_weight_norm()
-        factor = self.dora_factor().detach()
+        factor = self.dora_factor(norm)
         lost = (factor == 0) & (norm != 0)
         if self.weight.device.type != "meta" and bool(lost.any()):
             rows = lost.nonzero().flatten().tolist()

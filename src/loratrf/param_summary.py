@@ -62,7 +62,8 @@ def summary(model: nn.Module) -> Summary:
         elif isinstance(module, TaskAwareFilter):
             kind.update({id(p): "filter" for p in module.parameters()})
         elif _is_peft_tuner_layer(module):
-            for name in module.adapter_layer_names:
+            # its adapters, and its adapters' other tensors (AdaLoRA's frozen `ranknum`)
+            for name in (*module.adapter_layer_names, *getattr(module, "other_param_names", ())):
                 adapters = getattr(module, name, None)
                 if isinstance(adapters, nn.Module):
                     kind.update({id(p): "lora" for p in adapters.parameters()})

@@ -15,7 +15,7 @@ import torch
 
 from loratrf.experiments.data import TASKS
 from loratrf.experiments.grid import RANKS, STUDY_NAMES, Study, run_grid, studies
-from loratrf.experiments.methods import DEFAULT_LR, GRAMMAR, Method
+from loratrf.experiments.methods import DEFAULT_LR, EXAMPLES, GRAMMAR, Method
 from loratrf.experiments.packages import MissingPackage
 from loratrf.experiments.training import TrainingConfig
 
@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "list":
             print("tasks:\n" + "\n".join(f"  {n:<9} {t.description}" for n, t in TASKS.items()))
             print(f"studies (grid --study NAME): {', '.join(STUDY_NAMES)}")
+            print("methods (an example spec of each):")
+            print("\n".join(f"  {name:<17} {spec}" for name, spec in EXAMPLES.items()))
             print("default learning rates: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()))
             print(GRAMMAR)
         elif args.command == "report":

@@ -4,9 +4,14 @@ Spec grammar (`Method.parse`; `str(method)` gives the canonical spec back):
 
     full                          full fine-tuning (every parameter trains)
     head                          only the task head trains (the floor every method starts from)
+    bitfit                        BitFit: every bias term of the model trains, and the head
     lora:<matrices>:r<rank>       LoRA on those matrices of every layer
     loratrf:<matrices>:r<rank>    the same plus a task-aware filter on every layer's output
     filters:r<rank>               filters only, no LoRA
+    adalora:<matrices>:r<rank>    AdaLoRA (PEFT's): SVD-form adapters starting at rank 1.5 r
+                                  (12 for r=8), pruned during training to an average rank r
+    ...:dora                      DoRA layers instead of LoRA (lora, loratrf: DoRA + filters);
+                                  `dora:<matrices>:r<rank>` reads as `lora:<matrices>:r<rank>:dora`
     ...:fr<rank>                  the filters' rank, when it differs from LoRA's (loratrf)
     ...:dot                       dot-product relevance instead of cosine (loratrf, filters)
     ...:cal                       task vectors set by `loratrf.calibrate_filters` (the mean
@@ -31,23 +36,48 @@ import math
 import re
 from collections.abc import Sequence
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 import loratrf
 from loratrf.presets import MATRICES
 
-KINDS = ("full", "head", "lora", "loratrf", "filters")
+KINDS = ("full", "head", "lora", "loratrf", "filters", "bitfit", "adalora")
 GRAMMAR = (
-    "method specs are 'full', 'head', 'lora:<matrices>:r<rank>', 'loratrf:<matrices>:r<rank>' or 'filters:r<rank>', "
+    "method specs are 'full', 'head', 'bitfit', 'lora:<matrices>:r<rank>', 'loratrf:<matrices>:r<rank>', "
+    "'adalora:<matrices>:r<rank>' or 'filters:r<rank>', "
     "with <matrices> from q,k,v,o,f1,f2 joined by commas (or 'all'), optionally followed by ':fr<rank>' "
     "(the filters' rank), ':dot' (filters' similarity), ':cal' or ':con' (task vectors started at the mean or the "
-    "contrastive direction), ':aff' (the affine gate) and ':lr=<float>'; "
+    "contrastive direction), ':aff' (the affine gate), ':dora' (DoRA layers, for lora and loratrf; "
+    "'dora:<matrices>:r<rank>' is 'lora:<matrices>:r<rank>:dora') and ':lr=<float>'; "
     "e.g. 'loratrf:v,f1,f2:r8'"
 )
+# Kinds that take LoRA-type matrices and a rank
+LOW_RANK_KINDS = ("lora", "loratrf", "adalora")
+# One spec of each method the runner offers, in the order of the paper's Table 1
+EXAMPLES = {
+    "full fine-tuning": "full",
+    "head only": "head",
+    "BitFit": "bitfit",
+    "LoRA": "lora:v,f1,f2:r8",
+    "DoRA": "dora:v,f1,f2:r8",
+    "AdaLoRA (PEFT)": "adalora:v,f1,f2:r8",
+    "LoRATRF": "loratrf:v,f1,f2:r8",
+    "DoRA + filters": "loratrf:v,f1,f2:r8:dora",
+    "filters only": "filters:r8",
+}
 ALPHA = 16.0
 # Defaults, the same for every task and not tuned: full fine-tuning at BERT's usual 5e-5, and
 # one shared rate for every adapter method (LoRA's usual range is 5e-4 to 2e-3 at alpha/r = 2).
-DEFAULT_LR = {"full": 5e-5, "head": 1e-3, "lora": 1e-3, "loratrf": 1e-3, "filters": 1e-3}
+DEFAULT_LR = {
+    "full": 5e-5,
+    "head": 1e-3,
+    "lora": 1e-3,
+    "loratrf": 1e-3,
+    "filters": 1e-3,
+    "bitfit": 1e-3,
+    "adalora": 1e-3,
+}
 ARCHITECTURE = "bert"
 # The task head trains in every method: BERT's pooler (dense + tanh on [CLS]) and classifier.
 HEAD = (r"(?:.*\.)?pooler", "classifier")
@@ -69,6 +99,7 @@ class Method:
     filter_rank: int | None = None  # None: the filters take `rank`
     start: str = "random"  # how task vectors start: "random", or by calibrate_filters: "cal" (mean), "con"
     gate: str = "paper"  # the filters' gate: "paper" or "affine"
+    dora: bool = False  # DoRA layers instead of LoRA (kinds 'lora' and 'loratrf')
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -77,13 +108,17 @@ class Method:
         bad = [m for m in self.matrices if m not in MATRICES]
         if bad or len(set(self.matrices)) != len(self.matrices):
             raise ValueError(f"matrices must be distinct names from {MATRICES}, got {self.matrices}")
-        if (self.kind in ("lora", "loratrf")) != bool(self.matrices):
-            raise ValueError(f"{self.kind!r} takes matrices only if it is 'lora' or 'loratrf' (which need them)")
+        if (self.kind in LOW_RANK_KINDS) != bool(self.matrices):
+            raise ValueError(
+                f"{self.kind!r} takes matrices only if it is 'lora', 'loratrf' or 'adalora' (which need them)"
+            )
+        if self.dora and self.kind not in ("lora", "loratrf"):
+            raise ValueError("':dora' makes LoRA layers DoRA layers (kind 'lora' or 'loratrf')")
         if self.similarity not in ("cosine", "dot"):
             raise ValueError(f"similarity must be 'cosine' or 'dot', got {self.similarity!r}")
         if self.similarity == "dot" and self.kind not in ("loratrf", "filters"):
             raise ValueError("'dot' similarity needs filters (kind 'loratrf' or 'filters')")
-        if self.kind in ("full", "head"):
+        if self.kind in ("full", "head", "bitfit"):
             if self.rank is not None:
                 raise ValueError(f"{self.kind!r} has no rank")
         elif self.rank is None:
@@ -132,6 +167,8 @@ class Method:
             parts.append(self.start)
         if self.gate == "affine":
             parts.append("aff")
+        if self.dora:
+            parts.append("dora")
         if self.lr is not None:
             parts.append(f"lr={self.lr!r}")  # repr: the shortest text that reads back exactly
         return ":".join(parts)
@@ -143,7 +180,11 @@ class Method:
             return "full fine-tuning"
         if self.kind == "head":
             return "head only"
+        if self.kind == "bitfit":
+            return "BitFit (biases + head)"
         where = ",".join(self.matrices)
+        if self.kind == "adalora":
+            return f"AdaLoRA r={adalora_init_rank(self.rank)}→{self.rank} ({where})"
         if self.filters:
             where = f"{where} + filters" if where else "filters only"
             if self.filter_rank is not None:
@@ -155,12 +196,16 @@ class Method:
             if self.gate == "affine":
                 where += ", affine gate"
         name = {"lora": "LoRA", "loratrf": "LoRATRF", "filters": "filters"}[self.kind]
+        if self.dora:
+            name = "DoRA"  # with filters: DoRA + filters, `where` says so
         return f"{name} r={self.rank} ({where})"
 
     @classmethod
     def parse(cls, spec: str) -> Method:
         kind, *fields = spec.strip().split(":")
         options: dict = {"kind": kind}
+        if kind == "dora":  # `dora:<matrices>:r<rank>` is LoRA with DoRA layers
+            options.update(kind="lora", dora=True)
         for field in fields:
             if m := re.fullmatch(r"r(\d+)", field):
                 options["rank"] = int(m.group(1))
@@ -172,6 +217,8 @@ class Method:
                 options["start"] = field
             elif field == "aff":
                 options["gate"] = "affine"
+            elif field == "dora":
+                options["dora"] = True
             elif field.startswith("lr="):
                 try:
                     options["lr"] = float(field[3:])
@@ -189,15 +236,25 @@ class Method:
             raise ValueError(f"{spec!r}: {e}; {GRAMMAR}") from None
 
 
-def prepare(model: nn.Module, method: Method) -> loratrf.InjectionConfig | None:
+def prepare(
+    model: nn.Module, method: Method, *, total_steps: int | None = None
+) -> loratrf.InjectionConfig | AdaLoRA | None:
     """Make `method` trainable in `model` (in place): inject adapters, unfreeze all for `full`,
-    or only the head for `head`."""
-    if method.kind in ("full", "head"):
+    only the head for `head`, the biases and the head for `bitfit`. `adalora` needs the run's
+    `total_steps` (its pruning schedule) and returns the `AdaLoRA` whose hooks the training
+    loop must call every step."""
+    if method.kind in ("full", "head", "bitfit"):
         model.requires_grad_(method.kind == "full")
-        for name, module in model.named_modules():
-            if any(re.fullmatch(pattern, name) for pattern in HEAD):
-                module.requires_grad_(True)
+        if method.kind == "bitfit":
+            for name, p in model.named_parameters():
+                if name.rsplit(".", 1)[-1] == "bias":
+                    p.requires_grad_(True)
+        unfreeze_head(model)
         return None
+    if method.kind == "adalora":
+        if total_steps is None:
+            raise ValueError("AdaLoRA's pruning schedule needs the run's total_steps")
+        return AdaLoRA(model, method, total_steps)
     config = loratrf.presets.preset(
         ARCHITECTURE,
         method.matrices,
@@ -208,9 +265,85 @@ def prepare(model: nn.Module, method: Method) -> loratrf.InjectionConfig | None:
         similarity=method.similarity,
         gate=method.gate,
         trainable=HEAD,
+        dora=method.dora,
     )
     loratrf.inject(model, config)
     return config
+
+
+def unfreeze_head(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if any(re.fullmatch(pattern, name) for pattern in HEAD):
+            module.requires_grad_(True)
+
+
+def adalora_init_rank(rank: int) -> int:
+    """AdaLoRA's starting rank for a target average rank: 1.5 times it (PEFT's 12 for 8)."""
+    return math.ceil(1.5 * rank)
+
+
+def adalora_schedule(total_steps: int) -> tuple[int, int]:
+    """`(tinit, tfinal)`: AdaLoRA's warm-up without pruning (the first 10% of the steps) and
+    its final phase at the target budget (the last 40%), the proportions of the AdaLoRA
+    paper's GLUE settings. From step `total - tfinal` on, the ranks are held at the budget."""
+    tinit = total_steps // 10
+    tfinal = min(max(1, 2 * total_steps // 5), total_steps - 1 - tinit)
+    return tinit, max(0, tfinal)
+
+
+ADALORA_ORTH_REG = 0.1  # the AdaLoRA paper's orthogonal-regularisation weight on GLUE
+
+
+class AdaLoRA:
+    """AdaLoRA through PEFT (`peft.AdaLoraModel`, injected into `model` in place) on the
+    method's matrices: ranks start at `adalora_init_rank(r)` and are pruned to an average of
+    `r` by PEFT's `RankAllocator`. It prunes only when `update_and_allocate` runs every step,
+    after `backward` and before the gradients are cleared (without it AdaLoRA silently trains
+    as plain LoRA: peft #432, #1801); `after_step` is that call. `extra_loss` is AdaLoRA's
+    orthogonal regulariser, which PEFT adds only to a loss the model computes itself."""
+
+    def __init__(self, model: nn.Module, method: Method, total_steps: int) -> None:
+        from loratrf.experiments.packages import require
+
+        peft = require("peft", "peft>=0.21,<0.22")
+        tinit, tfinal = adalora_schedule(total_steps)
+        targets = loratrf.presets.preset(ARCHITECTURE, method.matrices).targets[0]
+        self.config = peft.AdaLoraConfig(
+            target_r=method.rank,
+            init_r=adalora_init_rank(method.rank),
+            lora_alpha=ALPHA,
+            target_modules=targets,  # a regex, matched whole (re.fullmatch) as loratrf matches it
+            tinit=tinit,
+            tfinal=tfinal,
+            total_step=total_steps,
+            orth_reg_weight=ADALORA_ORTH_REG,
+        )
+        self.tuner = peft.AdaLoraModel(model, self.config, "default")
+        self.model = model
+        unfreeze_head(model)
+
+    def after_step(self, step: int) -> None:
+        """PEFT's `update_and_allocate(step)`: importance scores from this step's gradients,
+        then the budget's mask on `lora_E`."""
+        self.tuner.update_and_allocate(step)
+
+    def extra_loss(self) -> Tensor:
+        """`orth_reg_weight` times the mean of `‖A Aᵀ - I‖_F` and `‖Bᵀ B - I‖_F` over the adapters,
+        as `peft.AdaLoraModel.forward` adds it."""
+        terms = []
+        for name, p in self.model.named_parameters():
+            if ("lora_A" in name or "lora_B" in name) and "default" in name:
+                cov = p @ p.T if "lora_A" in name else p.T @ p
+                terms.append(torch.linalg.matrix_norm(cov - torch.eye(*cov.shape, dtype=cov.dtype)))
+        return self.config.orth_reg_weight * torch.stack(terms).mean()
+
+    def ranks(self) -> dict[str, int]:
+        """The rank each adapted matrix holds now: its non-zero entries of `lora_E`."""
+        return {
+            name.removesuffix(".lora_E.default"): int(torch.count_nonzero(p))
+            for name, p in self.model.named_parameters()
+            if name.endswith(".lora_E.default")
+        }
 
 
 def lora_cost(model: nn.Module, matrices: Sequence[str]) -> int:

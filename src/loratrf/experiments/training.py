@@ -2,7 +2,8 @@
 
 AdamW with a linear learning-rate schedule (warm-up, then decay to zero), gradient clipping,
 mini-batches padded to their longest sentence (dynamic padding). Only the learning rate
-differs between methods.
+differs between methods, and a method may hook into each step (`StepHooks`: AdaLoRA's
+regulariser and its per-step rank allocation).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +66,23 @@ def pad(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return input_ids, mask
 
 
+class StepHooks(Protocol):
+    """What a method adds to each training step."""
+
+    def extra_loss(self) -> Tensor:
+        """A term added to the step's loss before `backward` (a regulariser)."""
+
+    def after_step(self, step: int) -> None:
+        """Called after `optimiser.step()` and before the gradients are cleared, with the
+        0-based index of the step just taken."""
+
+
+def total_steps(config: TrainingConfig, n_sentences: int) -> int:
+    """How many optimiser steps `train` takes on `n_sentences` sentences."""
+    total = math.ceil(n_sentences / config.batch_size) * config.epochs
+    return total if config.max_steps is None else min(total, config.max_steps)
+
+
 def schedule_factor(step: int, warmup: int, total: int) -> float:
     """Learning-rate multiplier for optimiser step `step` (0-based) of `total`: a linear rise
     over `warmup` steps to 1, then a linear fall, ending at `1 / (total - warmup)`."""
@@ -81,17 +100,16 @@ def train(
     seed: int,
     pad_id: int,
     label: str = "train",
+    hooks: StepHooks | None = None,
 ) -> list[float]:
-    """Train `model`'s trainable parameters; returns the mean training loss of each epoch.
+    """Train `model`'s trainable parameters; returns the mean training loss of each epoch
+    (the cross-entropy, without a hook's extra loss).
 
     The batch order comes from `seed`; a progress bar shows steps, loss and speed.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
-    per_epoch = math.ceil(len(data) / config.batch_size)
-    total = per_epoch * config.epochs
-    if config.max_steps is not None:
-        total = min(total, config.max_steps)
+    total = total_steps(config, len(data))
     warmup = round(config.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: schedule_factor(step, warmup, total))
     order_rng = torch.Generator().manual_seed(seed)
@@ -109,10 +127,12 @@ def train(
             input_ids, mask = pad([data.ids[i] for i in rows], pad_id)
             logits = model(input_ids=input_ids, attention_mask=mask).logits
             loss = F.cross_entropy(logits, data.labels[rows])
-            loss.backward()
+            (loss if hooks is None else loss + hooks.extra_loss()).backward()
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimiser.step()
             scheduler.step()
+            if hooks is not None:
+                hooks.after_step(step)
             optimiser.zero_grad(set_to_none=True)
             step += 1
             epoch_loss, batches = epoch_loss + loss.item(), batches + 1
