@@ -56,13 +56,12 @@ FUSE_RATIO = 4.0
 # --- dispatch ------------------------------------------------------------------------------
 
 
-def fast_path_applies(*tensors: Tensor | None) -> bool:
+def fast_path_applies(first: Tensor, *others: Tensor | None) -> bool:
     """True when all tensors share one float32/float64 dtype and autocast is off."""
-    present = [t for t in tensors if t is not None]
-    dtype = present[0].dtype
-    if dtype not in FAST_DTYPES or any(t.dtype != dtype for t in present):
+    dtype = first.dtype
+    if dtype not in FAST_DTYPES or any(t is not None and t.dtype is not dtype for t in others):
         return False
-    device = present[0].device.type
+    device = first.device.type
     return not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device))
 
 
@@ -302,45 +301,61 @@ class KernelChoice:
 
     def __init__(self, name: str, aten: Callable[..., Tensor], onednn: Callable[..., Tensor]) -> None:
         self.name = name
-        self.kernels = {"aten": aten, "onednn": onednn}
-        self.chosen: dict[tuple, str] = {}
+        self.aten, self.onednn = aten, onednn
+        self.chosen: dict[tuple, str] = {}  # per shape class and layout: what `kernel_choices` reports
+        self._exact: dict[tuple, Callable[..., Tensor]] = {}  # per exact shapes and strides: the kernel
 
     def __call__(self, *args) -> Tensor:
         tensors = [a for a in args if isinstance(a, Tensor)]
         if not _onednn_applies(tensors):
-            return self.kernels["aten"](*args)
+            return self.aten(*args)
         if _FORCED is not None:
-            return self.kernels[_FORCED](*args)
+            return self.onednn(*args)
+        key = (torch.get_num_threads(), *[(t.shape, t.stride()) for t in tensors])
+        kernel = self._exact.get(key)
+        if kernel is None:
+            out, kernel = self._choose(tensors, args)
+            if len(self._exact) >= 4096:  # many distinct shapes (e.g. every sequence length): start afresh
+                self._exact.clear()
+            self._exact[key] = kernel
+            if out is not None:
+                return out
+        return kernel(*args)
+
+    def _choose(self, tensors: list[Tensor], args: tuple) -> tuple[Tensor | None, Callable[..., Tensor]]:
+        """The kernel for this shape class and layout, measured now if it was not before (then
+        also the chosen kernel's result)."""
         key = (torch.get_num_threads(), *((tuple(map(_size_class, t.shape)), layout(t)) for t in tensors))
         chosen = self.chosen.get(key)
-        if chosen is None:
-            chosen, out = self._measure(args)
-            self.chosen[key] = chosen
-            return out
-        return self.kernels[chosen](*args)
-
-    def _measure(self, args: tuple) -> tuple[str, Tensor]:
-        results = {name: kernel(*args) for name, kernel in self.kernels.items()}
-        best = dict.fromkeys(self.kernels, float("inf"))
+        if chosen is not None:
+            return None, self.onednn if chosen == "onednn" else self.aten
+        kernels = {"aten": self.aten, "onednn": self.onednn}
+        results = {name: kernel(*args) for name, kernel in kernels.items()}
+        best = dict.fromkeys(kernels, float("inf"))
         for _ in range(TIMED_CALLS):
-            for name, kernel in self.kernels.items():
+            for name, kernel in kernels.items():
                 start = time.perf_counter()
                 kernel(*args)
                 best[name] = min(best[name], time.perf_counter() - start)
         chosen = "onednn" if best["onednn"] < (1 - MARGIN) * best["aten"] else "aten"
-        return chosen, results[chosen]
+        self.chosen[key] = chosen
+        return results[chosen], kernels[chosen]
 
 
 def _onednn_applies(tensors: list[Tensor]) -> bool:
+    """Whether oneDNN's kernel may run on `tensors` (2-D float32 on CPU, nothing recording)."""
     if torch.compiler.is_compiling():  # first: nothing below is traced (inductor picks its own kernels)
         return False
-    if _FORCED == "aten" or not torch.backends.mkldnn.enabled or torch.are_deterministic_algorithms_enabled():
+    a = tensors[0]
+    if a.dtype is not torch.float32 or not a.is_cpu or a.dim() != 2 or _FORCED == "aten":
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if not torch._C._get_mkldnn_enabled() or torch.are_deterministic_algorithms_enabled():
         return False
     if is_in_torch_dispatch_mode() or torch.is_autocast_enabled("cpu"):
         return False
-    if any(u.dtype != torch.float32 or u.device.type != "cpu" or u.dim() != 2 or u.numel() == 0 for u in tensors):
-        return False
-    if torch.is_grad_enabled() and any(u.requires_grad for u in tensors):
+    if any(t.numel() == 0 for t in tensors):
         return False
     return _onednn_linear() is not None
 
@@ -379,6 +394,7 @@ def clear_kernel_choices() -> None:
     """Forget the measured choices (they are measured again on next use)."""
     for choice in KERNEL_CHOICES:
         choice.chosen.clear()
+        choice._exact.clear()
 
 
 @contextlib.contextmanager
@@ -419,12 +435,11 @@ def _lora_forward(
     """`y = base_linear(x2) + scale · (x2 U) V` on rows `x2 [N, in]`; also `A = Uᵀ` and, when
     `keep_z` or needed anyway, `z = x2 U [N, r]`."""
     A = U.T.contiguous()  # [r, in]
+    # z first, while x is still in cache from whatever produced it; the large product is compute-bound
+    z = project(x2, A) if keep_z or not fuse else None
     if fuse:
-        y = base_linear(x2, _effective_weight(weight, U, V, A, scale, fan_in_fan_out), bias, fan_in_fan_out)
-        return y, A, project(x2, A) if keep_z else None
-    z = project(x2, A)
-    y = expand(base_linear(x2, weight, bias, fan_in_fan_out), z, V, scale, inplace=True)
-    return y, A, z
+        return base_linear(x2, _effective_weight(weight, U, V, A, scale, fan_in_fan_out), bias, fan_in_fan_out), A, z
+    return expand(base_linear(x2, weight, bias, fan_in_fan_out), z, V, scale, inplace=True), A, z
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -449,18 +464,19 @@ class LoRALinearFunction(torch.autograd.Function):
         x2, weight, U, V, A, z = ctx.saved_tensors
         scale, needs, fan_in_fan_out = ctx.scale, ctx.needs_input_grad, ctx.fan_in_fan_out
         g2 = rows(g)  # e.g. `.sum()`'s gradient has stride 0: made dense once, for every product
-        grad_x = grad_U = grad_V = None
+        # The rank-r products that read g first, while g is in cache from whatever produced it (the
+        # large product is compute-bound); x, saved since forward, is read once, last.
         gz = project(g2, V).mul_(scale) if needs[3] or (needs[0] and not ctx.fuse) else None  # scale · g Vᵀ
+        grad_V = mm_t(z.T, g2.T).mul_(scale) if needs[4] else None  # scale · zᵀ g [r, out]
+        grad_x = grad_U = None
         if needs[0]:
-            if ctx.fuse:
-                grad_x = base_input_grad(g2, _effective_weight(weight, U, V, A, scale, fan_in_fan_out), fan_in_fan_out)
-            else:
-                grad_x = expand(base_input_grad(g2, weight, fan_in_fan_out), gz, A, 1.0, inplace=True)
+            w = _effective_weight(weight, U, V, A, scale, fan_in_fan_out) if ctx.fuse else weight
+            grad_x = base_input_grad(g2, w, fan_in_fan_out)
+            if not ctx.fuse:
+                expand(grad_x, gz, A, 1.0, inplace=True)
             grad_x = grad_x.view(ctx.x_shape)
         if needs[3]:
             grad_U = mm_t(gz.T, x2.T).T  # xᵀ gz [in, r], computed as (gzᵀ x)ᵀ
-        if needs[4]:
-            grad_V = mm_t(z.T, g2.T).mul_(scale)  # scale · zᵀ g [r, out]
         return grad_x, None, None, grad_U, grad_V, None, None, None
 
 
