@@ -23,7 +23,6 @@ import collections
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from loratrf.adapter_file import full_tensor, write_atomically
 from loratrf.config import LoRASpec, Plan
 from loratrf.errors import AdapterFileError, InjectionError
 from loratrf.filter import TaskAwareFilter
@@ -109,7 +109,7 @@ def export_peft(
     config = peft_config(root, layers, base_model_name_or_path)
     tensors: dict[str, Tensor] = {}
     for name, layer in layers.items():
-        U, V = (_full_tensor(p.detach()) for p in (layer.lora.U, layer.lora.V))
+        U, V = (full_tensor(p.detach()) for p in (layer.lora.U, layer.lora.V))
         if U.is_meta or V.is_meta:
             raise AdapterFileError(
                 f"the adapter of {name!r} is on the meta device and holds no values; materialise the model first"
@@ -117,13 +117,13 @@ def export_peft(
         tensors[f"{PREFIX}{name}.lora_A.weight"] = U.T.cpu().contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = V.T.cpu().contiguous()
         if layer.dora:
-            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = _full_tensor(layer.magnitude.detach()).cpu().contiguous()
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = full_tensor(layer.magnitude.detach()).cpu().contiguous()
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return config
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(directory / WEIGHTS_NAME, safetensors.torch.save(tensors, metadata={"format": "pt"}))
-    _write_atomically(directory / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+    write_atomically(directory / WEIGHTS_NAME, safetensors.torch.save(tensors, metadata={"format": "pt"}))
+    write_atomically(directory / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
     return config
 
 
@@ -480,24 +480,6 @@ def _most_common(values: Iterable[Any]) -> Any:
 
 def _number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else value
-
-
-def _full_tensor(t: Tensor) -> Tensor:
-    full_tensor = getattr(t, "full_tensor", None)  # a sharded DTensor's; a collective
-    return full_tensor() if full_tensor is not None else t
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 __all__ = ["export_peft", "import_peft"]
