@@ -305,7 +305,7 @@ def test_measured_choices_are_cached_per_shape_class_and_layout():
     "why, context",
     [
         ("deterministic algorithms", lambda: deterministic()),
-        ("oneDNN disabled", lambda: torch.backends.mkldnn.flags(enabled=False)),
+        ("oneDNN disabled", lambda: onednn_disabled()),
         ("forced", lambda: use_kernels("aten")),
     ],
 )
@@ -313,6 +313,16 @@ def test_aten_alone_runs_where_asked(why, context):
     with context():
         mm_t(torch.randn(64, 24), torch.randn(5, 24))
     assert not kernels.kernel_choices()[mm_t.name], why  # nothing measured
+
+
+@contextlib.contextmanager
+def onednn_disabled():
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
 
 
 @contextlib.contextmanager

@@ -21,11 +21,11 @@ alone (the same code) and saves nothing.
 **The kernels.** A rank-`r` product (`project`, the reductions over rows in backward,
 `expand`) has two implementations: ATen's (`F.linear` / `addmm`, MKL on CPU) and oneDNN's
 linear (`torch.ops.mkldnn._linear_pointwise`), whose speed depends on the CPU, the shape and
-the operands' layout (on some layouts it is 100x slower). Where both apply (eager float32 on
-CPU) the faster is chosen by timing both on the first call of each shape class and layout
-(sizes rounded up to a power of two), and cached (`KernelChoice`, `kernel_choices`). `torch.use_deterministic_algorithms(True)`,
-`torch.backends.mkldnn.enabled = False` and `torch.compile` use ATen's alone; `use_kernels`
-forces one. Inputs and gradients whose strides no kernel reads well (a stride of 0, as in the
+the operands' layout (on a stride-0 operand oneDNN's took 300x as long). Where both apply
+(eager float32 on CPU) the faster is chosen by timing both on the first call of each shape
+class and layout (sizes rounded up to a power of two), and cached (`KernelChoice`,
+`kernel_choices`). `torch.use_deterministic_algorithms(True)`, `torch.backends.mkldnn.enabled
+= False` and `torch.compile` use ATen's alone; `use_kernels` forces one. Inputs and gradients whose strides no kernel reads well (a stride of 0, as in the
 gradient `.sum()` hands back, or no unit stride) are copied once to rows first (`rows`), as
 ATen's own matrix product does.
 """
@@ -514,23 +514,25 @@ class TaskFilterFunction(torch.autograd.Function):
         s = q.clamp(0.0, 1.0)
         gz = project(g2, V).mul_(scale)  # scale · g Vᵀ [N, r]
         grad_V = mm_t((a * s.unsqueeze(-1)).T, g2.T).mul_(scale) if needs[3] else None
-        gq = (gz * a).sum(-1) * ((q >= 0) & (q <= 1))  # through clamp(q, 0, 1)
-        # d out / d P: the rank-r part (ga = s gz) and the h·t part (gc)
+        gq = torch.linalg.vecdot(gz, a) * (s == q)  # d/dq, through clamp(q, 0, 1)
+        # d out / d P: the rank-r part (s gz) and the h·t part (d/dc = gq / denom)
         gP = torch.cat([gz * s.unsqueeze(-1), (gq / denom).unsqueeze(-1)], dim=-1)
-        grad_h = grad_t = grad_U = None
         if cosine:
-            # q = c / max(|h| |t|, eps): the denominator's gradient, where it is not clamped
-            g_denom = torch.where(n * t_norm >= ctx.eps, -gq * q / denom, 0.0)
+            # Where |h| |t| >= eps, q = c / (|h| |t|): d/d|h| = -gq q / |h| and d/d|t| = -gq q / |t|
+            # (elsewhere the denominator is the constant eps); tiny: a zero norm gives 0, not NaN.
+            tiny = torch.finfo(q.dtype).tiny
+            gqq = torch.where(n * t_norm >= ctx.eps, gq * q, 0.0)
+        grad_h = grad_t = grad_U = None
         if needs[0]:
             grad_h = expand(g2, gP, M, 1.0)  # through h U and h·t
-            if cosine:  # through |h|: h · g_denom |t| / |h|
-                grad_h.addcmul_(h2, torch.where(n > 0, g_denom * t_norm / n, 0.0).unsqueeze(-1))
+            if cosine:  # through |h|: -gq q h / |h|²
+                grad_h.addcmul_(h2, (gqq / (n * n).clamp_min(tiny)).unsqueeze(-1), value=-1.0)
             grad_h = grad_h.view(ctx.h_shape)
         if needs[1] or needs[2]:
             hP = mm_t(gP.T, h2.T)  # gPᵀ h [r + 1, d]: pulled back to U and t
             grad_U = hP[:r].T if needs[2] else None
             if needs[1]:
                 grad_t = hP[r]
-                if cosine:  # through |t|
-                    grad_t = grad_t + t * torch.where(t_norm > 0, (g_denom * n).sum() / t_norm, 0.0)
+                if cosine:  # through |t|: -Σ gq q t / |t|²
+                    grad_t = grad_t - t * (gqq.sum() / (t_norm * t_norm).clamp_min(tiny))
         return grad_h, grad_t, grad_U, grad_V, None, None, None
