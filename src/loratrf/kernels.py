@@ -33,14 +33,14 @@ ATen's own matrix product does.
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from loratrf._torch_internals import in_dispatch_mode, onednn_linear, unviewed
 
 FAST_DTYPES = (torch.float32, torch.float64)
 
@@ -226,13 +226,6 @@ def relevance(h: Tensor, t: Tensor, cosine: bool, eps: float, affine: tuple[Tens
     return q.clamp(0.0, 1.0)
 
 
-def unviewed(t: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
-    """`t` reshaped to `shape` without autograd recording a view (as `F.linear` folds its batch
-    dims). An adapter's output must not be a view: autograd refuses an in-place op on a Function's
-    view output (`nn.ReLU(inplace=True)`), and FSDP2's output hooks are lost on a view."""
-    return torch.ops.aten._unsafe_view(t, shape)
-
-
 # --- layouts -------------------------------------------------------------------------------
 
 
@@ -256,24 +249,6 @@ def rows(t: Tensor) -> Tensor:
 
 
 # --- kernels -------------------------------------------------------------------------------
-
-
-@functools.cache
-def _onednn_linear() -> Callable | None:
-    """oneDNN's linear `x wᵀ` (`torch.ops.mkldnn._linear_pointwise`), if this torch build has
-    one that works; `None` otherwise. Probed once, on fixed values (no random numbers drawn)."""
-    try:
-        op = torch.ops.mkldnn._linear_pointwise
-        x = torch.arange(12.0).view(4, 3)
-        w = torch.arange(6.0).view(3, 2).T  # a strided view, as the backward passes use
-        h = torch.arange(8.0).view(4, 2)
-        if torch.equal(op(x, w, None, "none", [], ""), x @ w.T) and torch.equal(
-            op.binary(x, h, w, None, "add"), x @ w.T + h
-        ):
-            return op
-    except (AttributeError, RuntimeError, NotImplementedError):
-        pass
-    return None
 
 
 _FORCED: str | None = None  # set by `use_kernels`
@@ -351,13 +326,13 @@ def _onednn_applies(tensors: list[Tensor]) -> bool:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    if not torch._C._get_mkldnn_enabled() or torch.are_deterministic_algorithms_enabled():
+    if not torch.backends.mkldnn.enabled or torch.are_deterministic_algorithms_enabled():
         return False
-    if is_in_torch_dispatch_mode() or torch.is_autocast_enabled("cpu"):
+    if in_dispatch_mode() or torch.is_autocast_enabled("cpu"):
         return False
     if any(t.numel() == 0 for t in tensors):
         return False
-    return _onednn_linear() is not None
+    return onednn_linear() is not None
 
 
 def _mm_t_aten(a: Tensor, b: Tensor) -> Tensor:
@@ -365,7 +340,7 @@ def _mm_t_aten(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _mm_t_onednn(a: Tensor, b: Tensor) -> Tensor:
-    return _onednn_linear()(a, b, None, "none", [], "")
+    return onednn_linear()(a, b, None, "none", [], "")
 
 
 def _add_low_rank_aten(h: Tensor, z: Tensor, V: Tensor, scale: float) -> Tensor:
@@ -373,7 +348,7 @@ def _add_low_rank_aten(h: Tensor, z: Tensor, V: Tensor, scale: float) -> Tensor:
 
 
 def _add_low_rank_onednn(h: Tensor, z: Tensor, V: Tensor, scale: float) -> Tensor:
-    return _onednn_linear().binary(z, h, (V if scale == 1.0 else V * scale).T, None, "add")
+    return onednn_linear().binary(z, h, (V if scale == 1.0 else V * scale).T, None, "add")
 
 
 # `a bᵀ` for products with a rank-sized side (`a [m, k]`, `b [n, k]`, either may be a
