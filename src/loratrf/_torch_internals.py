@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 
 def hold_unregistered(module: nn.Module, name: str, value: nn.Module | None) -> None:
@@ -67,3 +69,39 @@ def has_hooks(module: nn.Module, besides: tuple[int, ...] = ()) -> bool:
     itself; torch has no public query for it."""
     forward = set(module._forward_hooks) - set(besides)
     return bool(forward or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+
+
+def unviewed(t: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """`t` reshaped to `shape` without autograd recording a view (`aten._unsafe_view`, as
+    `F.linear` folds its batch dims). An adapter's output must not be a view: autograd refuses an
+    in-place op on a Function's view output (`nn.ReLU(inplace=True)`), and FSDP2's output hooks
+    are lost on a view."""
+    return torch.ops.aten._unsafe_view(t, shape)
+
+
+@functools.cache
+def onednn_linear() -> Callable | None:
+    """oneDNN's linear `x wᵀ` (`torch.ops.mkldnn._linear_pointwise`, no public API), which on some
+    CPUs runs the adapters' skinny rank-r products several times faster than MKL's sgemm; `None`
+    where this torch build has none that works. Probed once, on fixed values (no random numbers
+    drawn)."""
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        x = torch.arange(12.0).view(4, 3)
+        w = torch.arange(6.0).view(3, 2).T  # a strided view, as the backward passes use
+        h = torch.arange(8.0).view(4, 2)
+        if torch.equal(op(x, w, None, "none", [], ""), x @ w.T) and torch.equal(
+            op.binary(x, h, w, None, "add"), x @ w.T + h
+        ):
+            return op
+    except (AttributeError, RuntimeError, NotImplementedError):
+        pass
+    return None
+
+
+def in_dispatch_mode() -> bool:
+    """Whether a `TorchDispatchMode` (FlopCounter, fake tensors, ...) is recording: oneDNN's op
+    must not run under one (`torch.utils._python_dispatch` has the only query)."""
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+    return is_in_torch_dispatch_mode()

@@ -44,7 +44,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     for name, p in unwrap(model).named_parameters():
         if p.requires_grad and name not in params:
             params[name] = p
-    return {name: _full_tensor(p.detach()) for name, p in params.items()}
+    return {name: full_tensor(p.detach()) for name, p in params.items()}
 
 
 def adapter_plan(model: nn.Module) -> Plan:
@@ -83,6 +83,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     path = Path(path)
     if not path.parent.is_dir():
         raise AdapterFileError(f"cannot write {path}: the folder {path.parent} does not exist; create it first")
+    write_atomically(path, data)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, flush and fsync it, then rename it over
+    `path`: a reader (or a crash at any moment) sees the old file or the new one, never part."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -185,10 +191,10 @@ def adapter_digest(plan: str, tensors: Mapping[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _full_tensor(t: Tensor) -> Tensor:
+def full_tensor(t: Tensor) -> Tensor:
     """`t`, or the whole of a sharded DTensor (gathered from every rank)."""
-    full_tensor = getattr(t, "full_tensor", None)  # DTensor's; duck-typed for builds without torch.distributed
-    return full_tensor() if full_tensor is not None else t
+    gather = getattr(t, "full_tensor", None)  # DTensor's; duck-typed for builds without torch.distributed
+    return gather() if gather is not None else t
 
 
 def _copy_full_tensor(param: Tensor, full: Tensor) -> None:

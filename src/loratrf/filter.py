@@ -7,11 +7,11 @@ import math
 import torch
 from torch import Tensor, nn
 
+from loratrf import kernels
 from loratrf.base_checkpoints import keep_absent_adapter_tensors
 from loratrf.config import FilterSpec, Gate, Init, Similarity, TaskInit, dtype_name, torch_dtype
 from loratrf.errors import FilterOutputError
-from loratrf.fused import fast_path_applies, task_filter
-from loratrf.lora import LOW_PRECISION, default_adapter_dtype
+from loratrf.lora import default_adapter_dtype
 from loratrf.low_rank import LowRankTransform
 
 
@@ -113,22 +113,16 @@ class TaskAwareFilter(nn.Module):
 
     def similarity_to_task(self, h: Tensor) -> Tensor:
         """`sim(h, t)` before the gate: `[..., dim] -> [...]`, in at least float32."""
-        if h.dtype in LOW_PRECISION:
-            h = h.float()
-        t = self.task_vector.to(h.dtype)
-        score = h @ t
-        if self.similarity == "cosine":
-            norms = torch.linalg.vector_norm(h, dim=-1) * torch.linalg.vector_norm(t)
-            score = score / norms.clamp_min(self.eps)
-        return score
+        return kernels.similarity(h, self.task_vector, self.similarity == "cosine", self.eps)
 
     def relevance(self, h: Tensor) -> Tensor:
         """`s = clamp(sim(h, t), 0, 1)` (`clamp(a · sim(h, t) + b, 0, 1)` with `gate="affine"`):
         `[..., dim] -> [..., 1]`, in at least float32."""
-        score = self.similarity_to_task(h)
-        if self.gate == "affine":
-            score = score * self.gate_scale.to(score.dtype) + self.gate_offset.to(score.dtype)
-        return score.clamp(0.0, 1.0).unsqueeze(-1)
+        cosine = self.similarity == "cosine"
+        return kernels.relevance(h, self.task_vector, cosine, self.eps, self._affine()).unsqueeze(-1)
+
+    def _affine(self) -> tuple[Tensor, Tensor] | None:
+        return (self.gate_scale, self.gate_offset) if self.gate == "affine" else None
 
     def forward(self, h: Tensor) -> Tensor:
         if h.shape[-1] != self.dim:
@@ -138,9 +132,8 @@ class TaskAwareFilter(nn.Module):
                 f"filter_dim={h.shape[-1]} (or filter a module whose output has width {self.dim})"
             )
         T = self.transform
-        if self.gate == "paper" and fast_path_applies(h, self.task_vector, T.U, T.V):  # the kernel's gate
-            return task_filter(h, self.task_vector, T.U, T.V, T.scale, self.similarity == "cosine", self.eps)
-        return T(h, gate=self.relevance(h), residual=h)
+        cosine = self.similarity == "cosine"
+        return kernels.task_filter(h, self.task_vector, T.U, T.V, T.scale, cosine, self.eps, self._affine())
 
     def extra_repr(self) -> str:
         gate = "" if self.gate == "paper" else f", gate={self.gate!r}"

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from loratrf import kernels
 from loratrf._torch_internals import hold_unregistered
 from loratrf.base_checkpoints import keep_absent_adapter_tensors
 from loratrf.config import Init, LoRASpec, dtype_name, torch_dtype
 from loratrf.errors import MergeError
-from loratrf.fused import fast_path_applies, lora_linear
 from loratrf.low_rank import LowRankTransform
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -166,11 +166,7 @@ class LoRALinear(nn.Module):
 
     def base_forward(self, x: Tensor) -> Tensor:
         """The frozen map `x W0ᵀ + b`, computed exactly as the wrapped module computes it."""
-        if not self.fan_in_fan_out:
-            return F.linear(x, self.weight, self.bias)
-        x2 = x.reshape(-1, x.shape[-1])
-        out = x2 @ self.weight if self.bias is None else torch.addmm(self.bias, x2, self.weight)
-        return out.view(*x.shape[:-1], self.out_features)
+        return kernels.base_linear(x, self.weight, self.bias, self.fan_in_fan_out)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.dora and not self.merged:
@@ -180,23 +176,26 @@ class LoRALinear(nn.Module):
             if self.training and torch.is_grad_enabled() and self.lora.U.requires_grad:
                 out = _RefuseBackwardWhileMerged.apply(out, self.lora.U)
             return out
-        dropout = self.dropout and self.training
         lora = self.lora
-        if not dropout and self.fast_path_applies(x):
-            return lora_linear(x, self.weight, self.bias, lora.U, lora.V, lora.scale, self.fan_in_fan_out)
-        out = self.base_forward(x)
-        if dropout:
-            x = F.dropout(x, self.dropout, training=True)
-        return lora(x, residual=out, inplace=True)
+        dropout = self.dropout if self.training else 0.0
+        return kernels.lora_linear(
+            x,
+            self.weight,
+            self.bias,
+            lora.U,
+            lora.V,
+            lora.scale,
+            self.fan_in_fan_out,
+            dropout=dropout,
+            fused=self.fast_path_applies(x),
+        )
 
     def fast_path_applies(self, x: Tensor) -> bool:
-        """`loratrf.fused.lora_linear` serves float32/float64 layers whose base is frozen, with
-        input, weight and adapter of one dtype and autocast off; the rest runs the plain formula
-        (as does an input of the wrong width, so it fails with the base layer's own error)."""
-        if x.shape[-1] != self.in_features:
-            return False
-        frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
-        return frozen and fast_path_applies(x, self.weight, self.bias, self.lora.U, self.lora.V)
+        """Whether `x` runs `loratrf.kernels.LoRALinearFunction` (`kernels.lora_fast_path_applies`:
+        float32/float64, one dtype, frozen base, no active dropout, autocast off, the right width);
+        otherwise the plain formula runs."""
+        dropout = self.dropout if self.training else 0.0
+        return kernels.lora_fast_path_applies(x, self.weight, self.bias, self.lora.U, self.lora.V, dropout)
 
     # --- DoRA ----------------------------------------------------------------------------------
 
@@ -240,8 +239,7 @@ class LoRALinear(nn.Module):
         factor = self.dora_factor().to(out.dtype)
         if self.dropout and self.training:
             xd = F.dropout(x, self.dropout, training=True)
-            w = self.weight.T if self.fan_in_fan_out else self.weight  # [out, in]
-            base_d = F.linear(xd, w.to(xd.dtype))
+            base_d = kernels.base_linear(xd, self.weight.to(xd.dtype), None, self.fan_in_fan_out)
             return out + (factor - 1) * base_d + factor * self.lora(xd).to(out.dtype)
         out = self.lora(x, residual=out, inplace=True)
         if self.bias is None:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from loratrf import kernels
 from loratrf.config import Init, LoRASpec, check_low_rank
-from loratrf.fused import unviewed
 
 
 def lora_scale(rank: int, alpha: float, rslora: bool = False) -> float:
@@ -68,21 +67,7 @@ class LowRankTransform(nn.Module):
         inplace: bool = False,
     ) -> Tensor:
         """With `inplace=True`, `residual` (contiguous, owned by the caller) is overwritten."""
-        # `x U` as `F.linear(x, Uᵀ)` with `Uᵀ` copied row-major ([r, d_in]): for small r MKL
-        # runs this layout, and its backward `(gzᵀ x)ᵀ`, several times faster than `x @ U`
-        z = F.linear(x, self.U.to(x.dtype).T.contiguous())  # [..., r]
-        if gate is not None:
-            z = z * gate.to(z.dtype)
-        if residual is None:
-            return (z * self.scale) @ self.V.to(z.dtype)
-        d_out = residual.shape[-1]
-        z2 = z.reshape(-1, self.rank).to(residual.dtype)
-        v = self.V.to(residual.dtype)
-        if inplace:
-            residual.view(-1, d_out).addmm_(z2, v, alpha=self.scale)
-            return residual
-        out = torch.addmm(residual.reshape(-1, d_out), z2, v, alpha=self.scale)
-        return unviewed(out, residual.shape)
+        return kernels.low_rank(x, self.U, self.V, self.scale, gate=gate, residual=residual, inplace=inplace)
 
     def delta_weight(self, dtype: torch.dtype) -> Tensor:
         """`scale · U V` of shape `[d_in, d_out]`, computed in `dtype`."""

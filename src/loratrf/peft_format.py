@@ -3,7 +3,8 @@
 A PEFT LoRA adapter is a folder with `adapter_config.json` (a `peft.LoraConfig`) and
 `adapter_model.safetensors`, whose keys are `base_model.model.<module>.lora_A.weight`
 (`A`, `[r, in]`) and `...lora_B.weight` (`B`, `[out, r]`) for every adapted module, named as in
-the base model's `named_modules()`. PEFT computes `base(x) + scale · B A dropout(x)` with
+the base model's `named_modules()` (and `...lora_magnitude_vector`, `[out]`, DoRA's magnitude,
+with `use_dora`). PEFT computes `base(x) + scale · B A dropout(x)` with
 `scale = lora_alpha / r` (or `/ sqrt(r)` with `use_rslora`), exactly what `LoRALinear` computes
 with `U = Aᵀ` and `V = Bᵀ`; `A` and `B` keep that layout for GPT-2's Conv1D too
 (`fan_in_fan_out` only describes the base weight). Neither function needs PEFT installed.
@@ -22,7 +23,6 @@ import collections
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from loratrf.adapter_file import full_tensor, write_atomically
 from loratrf.config import LoRASpec, Plan
 from loratrf.errors import AdapterFileError, InjectionError
 from loratrf.filter import TaskAwareFilter
@@ -43,7 +44,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"  # older PEFT releases; read with weights_only=True
 PREFIX = "base_model.model."
-_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight")
+_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<which>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)")
 
 # adapter_config.json options loratrf understands; any other option must hold its default
 _UNDERSTOOD = {
@@ -76,7 +77,6 @@ _NON_EMPTY_DEFAULTS = {"megatron_core": "megatron.core", "qalora_group_size": 16
 # options that change what the model computes (or trains) in ways loratrf's LoRA cannot express
 _UNREPRESENTABLE = {
     "modules_to_save": "PEFT trains and saves whole copies of these modules; loratrf's import adds LoRA layers only",
-    "use_dora": "DoRA (weight-decomposed LoRA) is not in loratrf yet",
     "lora_bias": "PEFT trains a bias on each lora_B; loratrf's LoRA has none",
 }
 
@@ -109,19 +109,21 @@ def export_peft(
     config = peft_config(root, layers, base_model_name_or_path)
     tensors: dict[str, Tensor] = {}
     for name, layer in layers.items():
-        U, V = (_full_tensor(p.detach()) for p in (layer.lora.U, layer.lora.V))
+        U, V = (full_tensor(p.detach()) for p in (layer.lora.U, layer.lora.V))
         if U.is_meta or V.is_meta:
             raise AdapterFileError(
                 f"the adapter of {name!r} is on the meta device and holds no values; materialise the model first"
             )
         tensors[f"{PREFIX}{name}.lora_A.weight"] = U.T.cpu().contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = V.T.cpu().contiguous()
+        if layer.dora:
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = full_tensor(layer.magnitude.detach()).cpu().contiguous()
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return config
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(directory / WEIGHTS_NAME, safetensors.torch.save(tensors, metadata={"format": "pt"}))
-    _write_atomically(directory / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+    write_atomically(directory / WEIGHTS_NAME, safetensors.torch.save(tensors, metadata={"format": "pt"}))
+    write_atomically(directory / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
     return config
 
 
@@ -131,6 +133,7 @@ def peft_config(
     """The `adapter_config.json` (a `peft.LoraConfig`, as a dict) for these LoRA layers of `root`."""
     dropouts = {layer.dropout for layer in layers.values()}
     rsloras = {layer.lora.rslora for layer in layers.values()}
+    doras = {layer.dora for layer in layers.values()}
     if len(dropouts) > 1:
         raise AdapterFileError(
             f"the LoRA layers use different dropouts {sorted(dropouts)}, and PEFT's LoRA has one "
@@ -140,6 +143,11 @@ def peft_config(
         raise AdapterFileError(
             "some LoRA layers use rsLoRA's scale (alpha / sqrt(r)) and others alpha / r, and PEFT's "
             "use_rslora holds for all; inject them alike to export them"
+        )
+    if len(doras) > 1:
+        raise AdapterFileError(
+            "some LoRA layers are DoRA layers and others plain LoRA, and PEFT's use_dora holds for all; "
+            "inject them alike to export them"
         )
     ranks = {name: layer.lora.rank for name, layer in layers.items()}
     alphas = {name: _number(layer.lora.alpha) for name, layer in layers.items()}
@@ -169,6 +177,7 @@ def peft_config(
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "use_rslora": rsloras.pop(),
+        "use_dora": doras.pop(),
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
         "bias": "none",
         "modules_to_save": None,
@@ -181,14 +190,14 @@ def peft_config(
 def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     """Inject LoRA layers from a PEFT LoRA adapter folder into `model`, the base model it was
     trained on, so that `model` computes what PEFT computes with it (`rank_pattern`,
-    `alpha_pattern`, `use_rslora`, GPT-2's Conv1D included). Like `inject`, this freezes every
+    `alpha_pattern`, `use_rslora`, DoRA, GPT-2's Conv1D included). Like `inject`, this freezes every
     base parameter; filters can be added afterwards with a further `inject`. Returns the names
     of the layers injected.
 
     Every check runs before the model changes. A folder without the two files, a file that is
     truncated or not PEFT's, or tensors that do not fit the model raise `AdapterFileError`;
     so does whatever loratrf cannot represent (another `peft_type` than LoRA, `modules_to_save`,
-    LoRA on embeddings or convolutions, DoRA, trained biases, ...), named in the message.
+    LoRA on embeddings or convolutions, trained biases, ...), named in the message.
     """
     directory = Path(directory)
     config = read_peft_config(directory)
@@ -202,9 +211,11 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     apply_plan(root, Plan(specs, {}, ()))
     layers = dict(named_lora_layers(root))
     with torch.no_grad():
-        for name, (A, B) in pairs.items():
-            layers[name].lora.U.copy_(A.T)
-            layers[name].lora.V.copy_(B.T)
+        for name, pair in pairs.items():
+            layers[name].lora.U.copy_(pair["lora_A.weight"].T)
+            layers[name].lora.V.copy_(pair["lora_B.weight"].T)
+            if layers[name].dora:
+                layers[name].magnitude.copy_(pair["lora_magnitude_vector"])
     return list(pairs)
 
 
@@ -266,8 +277,9 @@ def _read_weights(directory: Path) -> dict[str, Tensor]:
     raise AdapterFileError(f"no PEFT adapter weights in {directory}: it holds no {WEIGHTS_NAME}")
 
 
-def _lora_pairs(tensors: Mapping[str, Tensor], directory: Path) -> dict[str, tuple[Tensor, Tensor]]:
-    """`module name -> (A [r, in], B [out, r])`, from PEFT's keys."""
+def _lora_pairs(tensors: Mapping[str, Tensor], directory: Path) -> dict[str, dict[str, Tensor]]:
+    """`module name -> {"lora_A.weight": A [r, in], "lora_B.weight": B [out, r]}` (and
+    `"lora_magnitude_vector": m [out]` for DoRA), from PEFT's keys."""
     found: dict[str, dict[str, Tensor]] = {}
     problems = []
     for key, tensor in tensors.items():
@@ -276,30 +288,29 @@ def _lora_pairs(tensors: Mapping[str, Tensor], directory: Path) -> dict[str, tup
             found.setdefault(match["module"], {})[match["which"]] = tensor
         elif "lora_embedding_" in key:
             problems.append(f"{key!r} (LoRA on an embedding layer; loratrf's LoRA targets are {SUPPORTED_TARGETS})")
-        elif "lora_magnitude_vector" in key:
-            problems.append(f"{key!r} (DoRA's magnitude; DoRA is not in loratrf yet)")
         else:
             problems.append(f"{key!r} (not a PEFT LoRA tensor key '{PREFIX}<module>.lora_A.weight' / .lora_B.weight)")
     for name, pair in found.items():
-        if set(pair) != {"A", "B"}:
-            missing = ({"A", "B"} - set(pair)).pop()
-            problems.append(f"{PREFIX}{name}.lora_{missing}.weight is missing")
-        elif pair["A"].ndim != 2 or pair["B"].ndim != 2 or pair["A"].shape[0] != pair["B"].shape[1]:
+        A, B = pair.get("lora_A.weight"), pair.get("lora_B.weight")
+        if A is None or B is None:
+            missing = "lora_A.weight" if A is None else "lora_B.weight"
+            problems.append(f"{PREFIX}{name}.{missing} is missing")
+        elif A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
             problems.append(
-                f"{name!r}: lora_A {tuple(pair['A'].shape)} and lora_B {tuple(pair['B'].shape)} are not "
+                f"{name!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not "
                 "a linear layer's [r, in] and [out, r]"
             )
-        elif not (pair["A"].is_floating_point() and pair["B"].is_floating_point()):
-            problems.append(f"{name!r}: lora_A and lora_B are not floating-point tensors")
+        elif not all(t.is_floating_point() for t in pair.values()):
+            problems.append(f"{name!r}: the LoRA tensors are not floating-point tensors")
     if not found and not problems:
         problems.append("it holds no LoRA tensors")
     if problems:
         raise AdapterFileError(f"{directory / WEIGHTS_NAME}: " + "; ".join(problems))
-    return {name: (pair["A"], pair["B"]) for name, pair in found.items()}
+    return found
 
 
 def _specs(
-    config: Mapping[str, Any], pairs: Mapping[str, tuple[Tensor, Tensor]], candidates, directory: Path
+    config: Mapping[str, Any], pairs: Mapping[str, Mapping[str, Tensor]], candidates, directory: Path
 ) -> dict[str, LoRASpec]:
     """Each module's `LoRASpec`, after checking it against the model and the config."""
     path = directory / CONFIG_NAME
@@ -316,13 +327,15 @@ def _specs(
             raise AdapterFileError(f"{path}: {regex!r} is not a valid regular expression: {e}") from None
     r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
     init = "gaussian" if config.get("init_lora_weights", True) == "gaussian" else "kaiming"
-    shared = dict(dropout=config.get("lora_dropout", 0.0), init=init, rslora=config.get("use_rslora", False))
+    dora = config.get("use_dora", False)
+    shared = dict(dropout=config.get("lora_dropout", 0.0), init=init, rslora=config.get("use_rslora", False), dora=dora)
     try:
         LoRASpec(**shared)
     except InjectionError as e:
         raise AdapterFileError(f"{path}: {e}") from None
     specs, problems = {}, []
-    for name, (A, B) in pairs.items():
+    for name, pair in pairs.items():
+        A, B, magnitude = pair["lora_A.weight"], pair["lora_B.weight"], pair.get("lora_magnitude_vector")
         module = candidates.get(name)
         if module is None:
             problems.append(f"the model has no module named {name!r} (is the adapter from another model?)")
@@ -347,6 +360,15 @@ def _specs(
                 f"{name!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, where this model's layer and the "
                 f"config's rank {rank!r} need ({rank}, {in_f}) and ({out_f}, {rank})"
             )
+            continue
+        if dora and (magnitude is None or tuple(magnitude.shape) != (out_f,)):
+            found = "none" if magnitude is None else f"one of shape {tuple(magnitude.shape)}"
+            problems.append(
+                f"{name!r}: the config says use_dora, so it needs a lora_magnitude_vector ({out_f},); found {found}"
+            )
+            continue
+        if not dora and magnitude is not None:
+            problems.append(f"{name!r} has a lora_magnitude_vector (DoRA's), but the config does not say use_dora")
             continue
         try:
             specs[name] = LoRASpec(rank=rank, alpha=_resolve(alpha_pattern, alpha, name), **shared)
@@ -458,24 +480,6 @@ def _most_common(values: Iterable[Any]) -> Any:
 
 def _number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else value
-
-
-def _full_tensor(t: Tensor) -> Tensor:
-    full_tensor = getattr(t, "full_tensor", None)  # a sharded DTensor's; a collective
-    return full_tensor() if full_tensor is not None else t
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 __all__ = ["export_peft", "import_peft"]
