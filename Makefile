@@ -48,6 +48,7 @@ story: $(VENV)/.test
 # default malloc and OpenMP settings, as a user's process runs; pass options with ARGS="--rounds 21"
 bench: $(VENV)/.bench
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run.py $(ARGS)
+	$(BIN)/python benchmarks/dora.py  # DoRA beside PEFT's DoRA (printed)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis src/*.egg-info
