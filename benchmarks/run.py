@@ -472,12 +472,12 @@ def draw(tables: list[Table], path: Path) -> bool:
             hi = [max(0.0, scaled(table, r.timing.ratio_iqr[1]) - v) for v, r in zip(values, rows)]
             xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(shapes))]
             ax.bar(xs, values, width, label=method, yerr=[lo, hi], capsize=2)
-        for j, case in enumerate(shapes):
-            limits = [r.limit for r in table.rows if r.case == case and r.method != table.baseline]
-            limit = min(limits)
-            ax.hlines(limit, j - 0.45, j + 0.45, colors="black", linewidth=2, label="FLOP limit" if j == 0 else None)
+            limits = [r.limit for r in rows]  # percent tables hold their limits in percent already
+            label = "FLOP limit" if i == 0 else None
+            ax.hlines(limits, [x - width / 2 for x in xs], [x + width / 2 for x in xs], colors="black", label=label)
         if table.unit == "percent":
-            ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="goal: 1 %")
+            if table.key == "filter_fb":
+                ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="goal: 1 %")
             ax.set_ylabel("% of one encoder layer's time")
         else:
             ax.axhline(1.0, color="grey", linewidth=0.8)
