@@ -1,4 +1,4 @@
-"""DoRA beside LoRA, loratrf's and PEFT's, against a frozen nn.Linear (self-contained).
+"""DoRA beside LoRA, loratrf's and PEFT's, against a frozen nn.Linear.
 
     python benchmarks/dora.py [--rounds 30] [--threads N] [--shape 8 512 768] [--rank 8]
 
@@ -15,50 +15,31 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
-import importlib.metadata
-import importlib.util
 import statistics
-import subprocess
-import time
 
 import torch
 from torch import nn
 
+from cases import ALPHA, forward_backward, installed, trained, version
 from loratrf import LoRALinear
-
-ALPHA = 16.0
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no lscpu)"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
-@torch.no_grad()
-def trained(*tensors: torch.Tensor) -> None:
-    """Adapter factors as after some training (B away from zero, m away from ‖W0‖)."""
-    for t in tensors:
-        t.add_(torch.randn_like(t) * 0.02)
+from timing import cpu_model, interleaved, quartiles
 
 
 def layers(base: nn.Linear, rank: int) -> dict[str, nn.Module]:
+    """The frozen `base` and LoRA / DoRA layers over copies of it, loratrf's and PEFT's, with
+    B away from zero and m away from the row norms of W0 (as after some training)."""
     found: dict[str, nn.Module] = {"nn.Linear (frozen)": base}
     for name, dora in (("loratrf LoRA", False), ("loratrf DoRA", True)):
         layer = LoRALinear.from_linear(copy.deepcopy(base), rank, ALPHA, dora=dora)
-        trained(layer.lora.V, *([layer.magnitude] if dora else []))
+        trained(layer.lora.V)
+        if dora:
+            with torch.no_grad():
+                layer.magnitude.add_(torch.randn_like(layer.magnitude) * 0.02)
         found[name] = layer
-    if importlib.util.find_spec("peft") is not None:
+    if installed("peft"):
         import peft
 
-        version = importlib.metadata.version("peft")
-        for name, dora in ((f"PEFT {version} LoRA", False), (f"PEFT {version} DoRA", True)):
+        for name, dora in ((f"PEFT {version('peft')} LoRA", False), (f"PEFT {version('peft')} DoRA", True)):
             holder = nn.Module()
             holder.layer = copy.deepcopy(base)
             config = peft.LoraConfig(r=rank, lora_alpha=ALPHA, target_modules=["layer"], use_dora=dora)
@@ -66,48 +47,13 @@ def layers(base: nn.Linear, rank: int) -> dict[str, nn.Module]:
             layer = holder.layer
             trained(layer.lora_B["default"].weight)
             if dora:
-                trained(layer.lora_magnitude_vector["default"].weight)
+                with torch.no_grad():
+                    magnitude = layer.lora_magnitude_vector["default"].weight
+                    magnitude.add_(torch.randn_like(magnitude) * 0.02)
             found[name] = layer
     for layer in found.values():
         layer.train()
     return found
-
-
-def step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor):
-    params = [p for p in layer.parameters() if p.requires_grad]
-
-    def run() -> None:
-        layer(x).backward(grad)
-        x.grad = None
-        for p in params:
-            p.grad = None
-
-    return run
-
-
-def interleaved(runs: dict, baseline: str, rounds: int, warmup: int = 3) -> dict[str, tuple[list, list]]:
-    """`name -> (times, ratios to the baseline's time in the same round)`."""
-    names = list(runs)
-    for name in names:
-        for _ in range(warmup):
-            runs[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    gc.collect()
-    gc.disable()
-    try:
-        for r in range(rounds):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                start = time.perf_counter()
-                runs[name]()
-                times[name].append(time.perf_counter() - start)
-    finally:
-        gc.enable()
-    return {name: (ts, [t / b for t, b in zip(ts, times[baseline])]) for name, ts in times.items()}
-
-
-def quartiles(values: list[float]) -> tuple[float, float]:
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[0], q[2]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -125,24 +71,19 @@ def main(argv: list[str] | None = None) -> None:
     x = torch.randn(batch, seq, d, requires_grad=True)
     grad = torch.randn(batch, seq, d)
     found = layers(base, args.rank)
-    baseline = "nn.Linear (frozen)"
-    results = interleaved({name: step(layer, x, grad) for name, layer in found.items()}, baseline, args.rounds)
+    steps = {name: forward_backward(layer, x, grad, layer.parameters()) for name, layer in found.items()}
+    results = interleaved(steps, "nn.Linear (frozen)", args.rounds, warmup=3)
     print(f"CPU: {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     print(f"x {list(x.shape)}, {d} -> {d} with bias, rank {args.rank}, forward + backward, {args.rounds} rounds")
     print(f"{'layer':<22} {'median ratio':>12} {'p25-p75':>13} {'median time':>12}")
-    for name, (times, ratios) in results.items():
-        low, high = quartiles(ratios)
-        print(
-            f"{name:<22} {statistics.median(ratios):>11.2f}x {low:>6.2f}-{high:<5.2f}  "
-            f"{1e3 * statistics.median(times):>9.1f} ms"
-        )
-    names = list(results)
-    pairs = [("loratrf DoRA", "loratrf LoRA")] + [
-        (n, n.replace("DoRA", "LoRA")) for n in names if n.startswith("PEFT") and n.endswith("DoRA")
-    ]
-    pairs += [("loratrf DoRA", n) for n in names if n.startswith("PEFT") and n.endswith("DoRA")]
+    for name, timing in results.items():
+        low, high = timing.ratio_iqr
+        print(f"{name:<22} {timing.ratio:>11.2f}x {low:>6.2f}-{high:<5.2f}  {1e3 * timing.median:>9.1f} ms")
+    peft_dora = [n for n in results if n.startswith("PEFT") and n.endswith("DoRA")]
+    pairs = [("loratrf DoRA", "loratrf LoRA")] + [(n, n.replace("DoRA", "LoRA")) for n in peft_dora]
+    pairs += [("loratrf DoRA", n) for n in peft_dora]
     for a, b in pairs:
-        per_round = [t / u for t, u in zip(results[a][0], results[b][0])]
+        per_round = [t / u for t, u in zip(results[a].times, results[b].times)]
         low, high = quartiles(per_round)
         print(f"{a} / {b}: median {statistics.median(per_round):.2f}x (p25-p75 {low:.2f}-{high:.2f})")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import cases
-from timing import Timing, interleaved, keep_freed_memory
+from timing import Timing, cpu_model, interleaved, keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -378,19 +378,6 @@ def goals(tables: dict[str, Table]) -> list[str]:
                     f"({r.timing.ratio:.3f}x / {peft.timing.ratio:.3f}x the floor) | | {met} |"
                 )
     return lines + [""]
-
-
-def cpu_model() -> str:
-    """`lscpu`'s model name (from /proc/cpuinfo), with the number of CPUs."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} ({os.cpu_count()} CPUs)"
 
 
 def environment(threads: int, clock: str, malloc: str, cpu: str) -> str:

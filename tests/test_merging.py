@@ -11,10 +11,16 @@ from models import FILTERS, TARGETS, Net, randomise_adapters
 ids = torch.randint(0, 20, (3, 6))
 
 
+def float64_net(**sizes):
+    """A float64 `Net`: with random adapters a small model amplifies rounding about 250x
+    (measured), so float32 outputs after a merge differ by CPU and kernel; float64 leaves room."""
+    return Net(**sizes).double()
+
+
 def injected(seed=0, **options):
     torch.manual_seed(seed)
-    model = Net(d=16)
-    base = Net(d=16)
+    model = float64_net(d=16)
+    base = float64_net(d=16)
     base.load_state_dict(model.state_dict())
     loratrf.inject(model, targets=TARGETS, filters=FILTERS, **options)
     randomise_adapters(model)
@@ -22,9 +28,9 @@ def injected(seed=0, **options):
 
 
 def close_through_layers(a, b):
-    """float32 agreement after several layers: each layer rounds at 1e-7 relative, and
-    softmax, layer norm and filters amplify it, so 1e-4 relative to the output's size."""
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, b.abs().max().item()))
+    """float64 agreement after several layers: rounding of 1e-16 relative, amplified by at most
+    ~1e3, against 1e-10 relative to the output's size."""
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * max(1.0, b.abs().max().item()))
 
 
 @given(st.integers(0, 10_000), st.integers(1, 8), st.floats(1.0, 32.0))
@@ -39,7 +45,7 @@ def test_model_merge_unmerge_round_trip(seed, rank, alpha):
     close_through_layers(model(ids), y)
     for n, p in model.named_parameters():
         if n in w0:
-            torch.testing.assert_close(p, w0[n], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(p, w0[n], rtol=1e-12, atol=1e-12)
 
 
 def test_merge_folds_each_update_into_its_weight():
@@ -131,7 +137,7 @@ def test_unload_by_default_keeps_what_a_filtered_model_computes(seed, merge):
     """The deployment call `unload(model)` keeps trained filters (on the plain modules), so a
     3-layer LoRATRF model computes what it did; only `keep_filters=False` drops them."""
     torch.manual_seed(seed)
-    model = Net(layers=3, d=16)
+    model = float64_net(layers=3, d=16)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     loratrf.inject(model, targets=TARGETS, filters=[*FILTERS, r"layers\.\d+\.up"])
     randomise_adapters(model)
@@ -151,6 +157,6 @@ def test_unload_by_default_keeps_what_a_filtered_model_computes(seed, merge):
     loratrf.unload(model, keep_filters=False)
     assert not any(isinstance(m, TaskAwareFilter) for m in model.modules())
     if not merge:
-        base = Net(layers=3, d=16)
+        base = float64_net(layers=3, d=16)
         base.load_state_dict(base_state)
         assert torch.equal(model(ids), base(ids))
