@@ -450,7 +450,9 @@ class LoRALinear(nn.Module):
                 self.reset_magnitude(parts)
 
     def extra_repr(self) -> str:
-        default = "" if self.lora is None else f"rank={self.lora.rank}, alpha={self.lora.alpha:g}, dropout={self.dropout:g}, "
+        default = (
+            "" if self.lora is None else f"rank={self.lora.rank}, alpha={self.lora.alpha:g}, dropout={self.dropout:g}, "
+        )
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, {default}"
             f"bias={self.bias is not None}, merged={self.merged}" + (", dora=True" if self.dora else "")

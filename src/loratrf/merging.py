@@ -72,12 +72,19 @@ def unload(model: nn.Module, merge: bool = True, keep_filters: bool = True, safe
             if keep_filters and name == active:
                 attach_filter(host, task_filter)
     for layer in layers:
-        plain = _plain_module(layer)
-        move_filters(layer, plain)  # a filter on the layer's output stays on the plain module's
-        for parent, child_name in parents[id(layer)]:
-            setattr(parent, child_name, plain)
+        put_back_base_module(layer, parents)
     sync_fused_encoder_paths(root)
     return model
+
+
+def put_back_base_module(layer: LoRALinear, parents: dict[int, list[tuple[nn.Module, str]]]) -> None:
+    """Replace `layer` wherever it is registered (`parents`, from `parent_map`) by the module it
+    wrapped, with the layer's current weight and bias (or by a new nn.Linear); the filters on
+    its output move onto that module. Call `sync_fused_encoder_paths` afterwards."""
+    plain = _plain_module(layer)
+    move_filters(layer, plain)
+    for parent, child_name in parents[id(layer)]:
+        setattr(parent, child_name, plain)
 
 
 def _plain_module(layer: LoRALinear) -> nn.Module:
