@@ -283,7 +283,7 @@ class LoRALinear(nn.Module):
             lora.scale,
             self.fan_in_fan_out,
             dropout=dropout,
-            fused=kernels.lora_fast_path_applies(x, self.weight, self.bias, lora.U, lora.V, dropout),
+            fused=self.fast_path_applies(x),
         )
 
     def fast_path_applies(self, x: Tensor) -> bool:
