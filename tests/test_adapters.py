@@ -197,6 +197,8 @@ def test_a_named_lora_adapter_exports_to_peft_and_imports_back(tmp_path):
     torch.testing.assert_close(fresh(ids), alone(model, "d", ids), rtol=1e-12, atol=1e-12)
     with pytest.raises(loratrf.AdapterFileError, match="task-aware filters"):
         loratrf.export_peft(model, tmp_path, adapter="b")
+    with pytest.raises(loratrf.AdapterFileError, match="no LoRA layers of adapter 'z' to export; its LoRA adapters"):
+        loratrf.export_peft(model, tmp_path, adapter="z")
 
 
 def test_delete_restores_and_deleting_the_active_adapter_leaves_none_active():
