@@ -49,6 +49,7 @@ story: $(VENV)/.test
 bench: $(VENV)/.bench
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run.py $(ARGS)
 	$(BIN)/python benchmarks/dora.py  # DoRA beside PEFT's DoRA (printed)
+	$(BIN)/python benchmarks/mixed.py  # one adapter per row beside PEFT's adapter_names (printed)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis src/*.egg-info

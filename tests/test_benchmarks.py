@@ -48,3 +48,14 @@ def test_flop_limits_match_hand_counts():
     assert cases.minilm_flop_limit("loratrf LoRATRF r=8 (v,f1,f2 + filters)", 64) == pytest.approx(
         1 + (48 * (768 + 3840) + 2 * 384 * 46) / 7372800
     )
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_the_mixed_batch_benchmark_runs_end_to_end(capsys):
+    import mixed
+
+    mixed.main(["--rounds", "1", "--shape", "4", "3", "8", "--layers", "1", "--rank", "2"])
+    out = capsys.readouterr().out
+    assert "CPU: " in out and "thread(s)" in out and "tokens/s" in out
+    for name in ("frozen stack", "loratrf use_adapters, 4 adapters", "PEFT"):
+        assert name in out

@@ -3,12 +3,21 @@
 import loratrf
 config = loratrf.inject(model, targets=[r".*\\.value"], filters=[r"encoder\\.layer\\.\\d+"])
 loratrf.inject(other_model, loratrf.presets.LORATRF_DEBERTA_V3, rank=4)
+loratrf.inject(model, config, adapter="task2"); loratrf.set_adapter(model, "task2")
 """
 
 from loratrf import presets
 from loratrf.adapter_file import adapter_state_dict, load_adapter, save_adapter
+from loratrf.adapters import combine_adapters, delete_adapter, set_adapter, use_adapters
 from loratrf.config import InjectionConfig
-from loratrf.errors import AdapterFileError, FilterOutputError, InjectionError, LoRATRFError, MergeError
+from loratrf.errors import (
+    AdapterError,
+    AdapterFileError,
+    FilterOutputError,
+    InjectionError,
+    LoRATRFError,
+    MergeError,
+)
 from loratrf.filter import TaskAwareFilter
 from loratrf.gates import GateStats, calibrate_filters, gate_statistics, record_gates
 from loratrf.inject import inject
@@ -19,6 +28,7 @@ from loratrf.param_summary import Summary, summary
 from loratrf.peft_format import export_peft, import_peft
 
 __all__ = [
+    "AdapterError",
     "AdapterFileError",
     "FilterOutputError",
     "GateStats",
@@ -32,6 +42,8 @@ __all__ = [
     "TaskAwareFilter",
     "adapter_state_dict",
     "calibrate_filters",
+    "combine_adapters",
+    "delete_adapter",
     "export_peft",
     "gate_statistics",
     "import_peft",
@@ -42,7 +54,9 @@ __all__ = [
     "record_gates",
     "reset_adapters",
     "save_adapter",
+    "set_adapter",
     "summary",
     "unload",
     "unmerge",
+    "use_adapters",
 ]

@@ -1,7 +1,8 @@
 """Adapter files: one safetensors file holding the adapter tensors and, in its metadata, the
 plan that re-injects them. Nothing is unpickled when reading one.
 
-The tensors are keyed as in `model.state_dict()`. The metadata (safetensors' string map) holds
+A file holds one adapter, keyed as in `model.state_dict()` of a model holding it as its default
+adapter (docs/adapters.md: a named adapter is written under the default's keys). The metadata (safetensors' string map) holds
 `format` ("loratrf-adapter"), `version`, `plan` (the `Plan` as JSON: `{"lora": {name: LoRASpec},
 "filters": {host: FilterSpec}, "trainable": [parameter names]}`) and `sha256`, a digest of the
 plan and the tensors, so damaged bytes anywhere are caught, not loaded. Other tools that read safetensors (and
@@ -23,43 +24,68 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from loratrf.config import Plan
-from loratrf.errors import AdapterFileError, InjectionError, MergeError
+from loratrf.config import DEFAULT_ADAPTER, Plan, check_adapter_name
+from loratrf.errors import AdapterError, AdapterFileError, InjectionError, MergeError
 from loratrf.filter import FILTER_NAME, TaskAwareFilter, filter_of
 from loratrf.inject import apply_plan, engine_problem, named_candidates
-from loratrf.lora import LoRALinear, is_conv1d
-from loratrf.walk import named_adapter_parameters, named_filters, named_lora_layers, unwrap
+from loratrf.lora import LoRALinear, is_conv1d, parts_spec
+from loratrf.walk import adapter_names, adapter_parameters, named_adapter_parameters, named_filters, unwrap
 
 FORMAT = "loratrf-adapter"
 VERSION = 2
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The adapter tensors and the trainable base parameters, keyed as in `model.state_dict()`.
+def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, Tensor]:
+    """The adapter tensors and the trainable base parameters: with `adapter=None` every
+    adapter's, keyed as in `model.state_dict()`; with an adapter's name that adapter's alone,
+    keyed as the default adapter's would be (what `save_adapter` writes; the two agree on a
+    model holding only the default adapter).
 
     Sharded parameters (DTensors, as under FSDP2's `fully_shard`) are gathered to full
     tensors, a collective: every rank must call this.
     """
-    params = dict(named_adapter_parameters(model))
-    for name, p in unwrap(model).named_parameters():
-        if p.requires_grad and name not in params:
-            params[name] = p
+    if adapter is not None:
+        _check_held(model, adapter)
+    params = {
+        found.key if adapter is None else found.file_key: found.parameter
+        for found in adapter_parameters(model)
+        if adapter is None or found.adapter == adapter
+    }
+    params.update(_trainable_base(model))
     return {name: full_tensor(p.detach()) for name, p in params.items()}
 
 
-def adapter_plan(model: nn.Module) -> Plan:
-    """The plan that re-injects this model's adapters into a fresh base model."""
-    adapter_names = {name for name, _ in named_adapter_parameters(model)}
-    return Plan(
-        {name: layer.spec for name, layer in named_lora_layers(model)},
-        {host: task_filter.spec for host, task_filter in named_filters(model)},
-        tuple(n for n, p in unwrap(model).named_parameters() if p.requires_grad and n not in adapter_names),
-    )
+def _trainable_base(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable parameters that belong to no adapter (`inject(trainable=...)`'s)."""
+    adapters = {id(p) for _, p in named_adapter_parameters(model)}
+    return {n: p for n, p in unwrap(model).named_parameters() if p.requires_grad and id(p) not in adapters}
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the adapter of `model` to `path`, a safetensors file, atomically (a complete
-    temporary file, then a rename: an interrupted save leaves the previous file as it was).
+def _check_held(model: nn.Module, adapter: str) -> None:
+    names = adapter_names(model)
+    if adapter not in names:
+        raise AdapterError(
+            f"the model holds no adapter named {adapter!r}; its adapters are {names}"
+            + ("" if names else " (call loratrf.inject first)")
+        )
+
+
+def adapter_plan(model: nn.Module, adapter: str = DEFAULT_ADAPTER) -> Plan:
+    """The plan that re-injects adapter `adapter` of this model into a fresh base model."""
+    root = unwrap(model)
+    lora = {}
+    for name, module in root.named_modules():
+        if isinstance(module, LoRALinear) and (parts := module.parts(adapter)) is not None:
+            lora[name] = parts_spec(parts)
+    filters = {host: task_filter.spec for host, task_filter in named_filters(root, adapter)}
+    return Plan(lora, filters, tuple(_trainable_base(root)))
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAULT_ADAPTER) -> None:
+    """Write adapter `adapter` of `model` (and the trainable base parameters) to `path`, a
+    safetensors file, atomically (a complete temporary file, then a rename: an interrupted
+    save leaves the previous file as it was). The file names no adapter: every adapter is
+    written as the default one is, and loads into a fresh model as its default adapter.
 
     Under `torch.distributed` only rank 0 writes. A sharded (FSDP2) model's adapter is
     gathered first, so there every rank must call this; a DDP model's may be saved by rank 0
@@ -67,7 +93,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     """
     if next(named_adapter_parameters(model), None) is None:
         raise AdapterFileError("the model holds no adapter to save; call loratrf.inject first")
-    tensors = adapter_state_dict(model)
+    tensors = adapter_state_dict(model, adapter)
     on_meta = [name for name, t in tensors.items() if t.is_meta]
     if on_meta:
         raise AdapterFileError(
@@ -77,7 +103,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
     tensors = {name: t.cpu().contiguous() for name, t in tensors.items()}
-    plan = json.dumps(adapter_plan(model).to_dict())
+    plan = json.dumps(adapter_plan(model, adapter).to_dict())
     metadata = {"format": FORMAT, "version": str(VERSION), "plan": plan, "sha256": adapter_digest(plan, tensors)}
     data = safetensors.torch.save(tensors, metadata)
     path = Path(path)
@@ -101,18 +127,22 @@ def write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> None:
-    """Re-inject the adapters recorded in `path` into `model` and load their tensors.
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAULT_ADAPTER) -> None:
+    """Re-inject the adapter recorded in `path` into `model` as adapter `adapter`, and load its
+    tensors (and the trainable base parameters the file holds).
 
-    `model` is the base model the adapter was trained on (or one already holding exactly these
-    adapters). Every check runs before the model changes: a file that is unreadable, of
-    another format, or whose modules, keys or shapes do not fit this model raises
-    `AdapterFileError` naming them, and leaves the model untouched.
+    `model` is the base model the adapter was trained on, possibly holding other adapters (or
+    already holding adapter `adapter` as the file describes it, whose values are then replaced).
+    As with `inject`, the active adapter stays, unless none was active. Every check runs before
+    the model changes: a file that is unreadable, of another format, or whose modules, keys or
+    shapes do not fit this model raises `AdapterFileError` naming them, and leaves the model
+    untouched.
     """
+    check_adapter_name(adapter)
     root = unwrap(model)
     plan, tensors = read_adapter_file(path)
     candidates = named_candidates(root)
-    expected = _expected_shapes(candidates, root, plan, path)
+    expected = _expected_shapes(candidates, root, plan, path, adapter)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -135,17 +165,22 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> None:
             "update, which new factors would leave behind; call loratrf.unmerge(model) first"
         )
     new = Plan(
-        {n: spec for n, spec in plan.lora.items() if not isinstance(candidates[n], LoRALinear)},
-        {h: spec for h, spec in plan.filters.items() if filter_of(candidates[h]) is None},
+        {n: spec for n, spec in plan.lora.items() if _lora_parts(candidates[n], adapter) is None},
+        {h: spec for h, spec in plan.filters.items() if filter_of(candidates[h], adapter) is None},
         plan.trainable,
     )
     if (new.lora or new.filters) and (problem := engine_problem(model)):
         raise InjectionError(f"cannot load the adapter into this model: {problem}")
-    apply_plan(root, new)
-    params = dict(root.named_parameters(remove_duplicate=False))
+    apply_plan(root, new, adapter)
+    params = dict(root.named_parameters(remove_duplicate=False))  # the trainable base parameters' keys
+    params.update({found.file_key: found.parameter for found in adapter_parameters(root) if found.adapter == adapter})
     with torch.no_grad():
         for key, tensor in tensors.items():
             _copy_full_tensor(params[key], tensor)
+
+
+def _lora_parts(module: nn.Module, adapter: str):
+    return module.parts(adapter) if isinstance(module, LoRALinear) else None
 
 
 def read_adapter_file(path: str | os.PathLike) -> tuple[Plan, dict[str, Tensor]]:
@@ -206,9 +241,10 @@ def _copy_full_tensor(param: Tensor, full: Tensor) -> None:
     param.copy_(full)
 
 
-def _expected_shapes(candidates, root, plan: Plan, path) -> dict[str, tuple[int, ...]]:
-    """Every tensor key the file must hold, with its shape in this model; checks the modules.
-    Shapes are read off the modules the plan would build (on the meta device)."""
+def _expected_shapes(candidates, root, plan: Plan, path, adapter: str) -> dict[str, tuple[int, ...]]:
+    """Every tensor key the file must hold, with its shape in this model; checks the modules
+    (against adapter `adapter`'s parts where they hold it). Shapes are read off the modules the
+    plan would build (on the meta device)."""
     shapes: dict[str, tuple[int, ...]] = {}
     problems = []
     for name, spec in plan.lora.items():
@@ -217,8 +253,12 @@ def _expected_shapes(candidates, root, plan: Plan, path) -> dict[str, tuple[int,
             found = "nothing" if module is None else type(module).__name__
             problems.append(f"LoRA layer {name!r} (the model has {found} there)")
             continue
-        if isinstance(module, LoRALinear) and module.spec != spec:
-            problems.append(f"{name!r} already holds a different LoRA adapter {module.spec}, the file has {spec}")
+        parts = _lora_parts(module, adapter)
+        if parts is not None and parts_spec(parts) != spec:
+            problems.append(
+                f"{name!r} already holds a different LoRA adapter {parts_spec(parts)}, the file has {spec}"
+                + ("" if adapter == DEFAULT_ADAPTER else f" (adapter {adapter!r})")
+            )
             continue
         in_f, out_f = _linear_shape(module)
         layer = LoRALinear(in_f, out_f, **dataclasses.asdict(spec), device="meta")  # DoRA's magnitude included
@@ -234,7 +274,7 @@ def _expected_shapes(candidates, root, plan: Plan, path) -> dict[str, tuple[int,
         if module is None:
             problems.append(f"filter host {host!r} (no such module)")
             continue
-        existing = filter_of(module)
+        existing = filter_of(module, adapter)
         if existing is not None and existing.spec != spec:
             problems.append(f"{host!r} already holds a different filter {existing.spec}, the file has {spec}")
             continue

@@ -24,6 +24,7 @@ INITS: tuple[str, ...] = ("kaiming", "gaussian")
 SIMILARITIES: tuple[str, ...] = ("cosine", "dot")
 TASK_INITS: tuple[str, ...] = ("normal", "ones")
 GATES: tuple[str, ...] = ("paper", "affine")
+DEFAULT_ADAPTER = "default"  # the adapter name of today's single-adapter API (docs/adapters.md)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +94,8 @@ class InjectionConfig:
     filter_dim: width of the filtered hidden states, when it cannot be read off the module.
     adapter_dtype: dtype name of every adapter tensor (default: float32 beside half-precision
         weights, else the weight's dtype).
+    adapter: the name of the adapter these layers and filters belong to (docs/adapters.md); a
+        name other than "default" adds an adapter beside those already on the same modules.
     """
 
     targets: tuple[str, ...] = ()
@@ -111,8 +114,10 @@ class InjectionConfig:
     adapter_dtype: str | None = None
     gate: Gate = FilterSpec.gate
     dora: bool = LoRASpec.dora
+    adapter: str = DEFAULT_ADAPTER
 
     def __post_init__(self) -> None:
+        check_adapter_name(self.adapter)
         for name in ("targets", "filters", "trainable"):
             object.__setattr__(self, name, _patterns(name, getattr(self, name)))  # frozen: normalise once
         if not self.targets and not self.filters:
@@ -209,6 +214,18 @@ def check_low_rank(rank: object, alpha: object, init: object, prefix: str = "") 
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         raise InjectionError(f"{prefix}alpha must be a finite number > 0, got {alpha!r}")
     _check_choice("init", init, INITS)
+
+
+def check_adapter_name(name: object) -> None:
+    """An adapter name: letters, digits, `_` and `-` (it becomes part of parameter names)."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name) or name in _RESERVED_NAMES:
+        raise InjectionError(
+            f"an adapter name is a non-empty string of letters, digits, '_' and '-' (it becomes part of "
+            f"parameter names), and not one of torch's ModuleDict attributes; got {name!r}"
+        )
+
+
+_RESERVED_NAMES = frozenset(dir(torch.nn.ModuleDict()))
 
 
 def _patterns(kind: str, patterns: object) -> tuple[str, ...]:

@@ -22,3 +22,8 @@ class MergeError(LoRATRFError, RuntimeError):
 
 class AdapterFileError(LoRATRFError, ValueError):
     """An adapter file that is unreadable, from another model, or inconsistent."""
+
+
+class AdapterError(LoRATRFError, ValueError):
+    """A named adapter the model does not hold (or already holds), a batch `use_adapters`
+    cannot give one adapter per row, or adapters that `combine_adapters` cannot add up."""

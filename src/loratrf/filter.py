@@ -9,10 +9,11 @@ from torch import Tensor, nn
 
 from loratrf import kernels
 from loratrf.base_checkpoints import keep_absent_adapter_tensors
-from loratrf.config import FilterSpec, Gate, Init, Similarity, TaskInit, dtype_name, torch_dtype
+from loratrf.config import DEFAULT_ADAPTER, FilterSpec, Gate, Init, Similarity, TaskInit, dtype_name, torch_dtype
 from loratrf.errors import FilterOutputError
 from loratrf.lora import default_adapter_dtype
 from loratrf.low_rank import LowRankTransform
+from loratrf.rows import AdapterRows
 
 
 class TaskAwareFilter(nn.Module):
@@ -62,7 +63,7 @@ class TaskAwareFilter(nn.Module):
         self.transform = LowRankTransform(dim, dim, rank, alpha, init=init, device=device, dtype=dtype)
         self.reset_task_vector()
         self.register_load_state_dict_pre_hook(keep_absent_adapter_tensors)
-        self.hook_handle = None  # of the forward hook on the host, while attached
+        self.dispatch: FilterDispatch | None = None  # the hook on its host, while attached
 
     @classmethod
     def from_spec(cls, spec: FilterSpec, device: torch.device, host_dtype: torch.dtype) -> TaskAwareFilter:
@@ -140,16 +141,57 @@ class TaskAwareFilter(nn.Module):
         return f"dim={self.dim}, similarity={self.similarity!r}, task_init={self.task_init!r}{gate}"
 
 
-FILTER_NAME = "task_filter"
+FILTER_NAME = "task_filter"  # the default adapter's filter, on its host
+NAMED_FILTERS = "task_filters"  # every other adapter's: an nn.ModuleDict on the host, name -> filter
+
+
+def filter_of(host: nn.Module, name: str | None = DEFAULT_ADAPTER) -> TaskAwareFilter | None:
+    """Adapter `name`'s filter on `host`, or None: the default adapter's is `host.task_filter`
+    (so its state-dict keys stay `task_filter.*`), any other's `host.task_filters[name]`."""
+    if name == DEFAULT_ADAPTER:
+        found = getattr(host, FILTER_NAME, None)
+    else:
+        named = getattr(host, NAMED_FILTERS, None)
+        found = named[name] if isinstance(named, nn.ModuleDict) and name in named else None
+    return found if isinstance(found, TaskAwareFilter) else None
+
+
+def filter_names(host: nn.Module) -> list[str]:
+    """The adapters that have a filter on `host`."""
+    named = getattr(host, NAMED_FILTERS, None)
+    names = list(named) if isinstance(named, nn.ModuleDict) else []
+    return [DEFAULT_ADAPTER] * (filter_of(host) is not None) + names
+
+
+class FilterDispatch:
+    """Which filter runs on a host: adapter `active`'s (None, or an adapter without a filter
+    here: none) or, while `rows` is set (`loratrf.use_adapters`), each row of the output
+    `[B, ..., dim]` its own adapter's. Every filter on the host refers to it as
+    `task_filter.dispatch`; `handle` is that of the host's one hook, `filter_host_output`."""
+
+    def __init__(self, host: nn.Module) -> None:
+        self.active: str | None = DEFAULT_ADAPTER
+        self.rows: AdapterRows | None = None
+        self.handle = host.register_forward_hook(filter_host_output)
+
+    def filter(self, host: nn.Module, h: Tensor) -> Tensor:
+        if self.rows is None:
+            task_filter = filter_of(host, self.active)
+            return h if task_filter is None else task_filter(h)
+        groups = [(index, f) for name, index in self.rows.indices(h) if (f := filter_of(host, name)) is not None]
+        out = h.clone() if groups else h
+        for index, task_filter in groups:
+            out.index_copy_(0, index, task_filter(h.index_select(0, index)))
+        return out
 
 
 def filter_host_output(host: nn.Module, args: tuple, output: object) -> object:
     """Forward hook: filter `output`, or the first element of a tuple or list output."""
-    task_filter = getattr(host, FILTER_NAME)
+    dispatch = filter_dispatch(host)
     if isinstance(output, Tensor):
-        return task_filter(output)
+        return dispatch.filter(host, output)
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        first = task_filter(output[0])
+        first = dispatch.filter(host, output[0])
         if hasattr(output, "_fields"):  # namedtuple
             return output._replace(**{output._fields[0]: first})
         return type(output)([first, *output[1:]])
@@ -160,21 +202,46 @@ def filter_host_output(host: nn.Module, args: tuple, output: object) -> object:
     )
 
 
-def attach_filter(host: nn.Module, task_filter: TaskAwareFilter) -> None:
-    """Register `task_filter` as `host.task_filter` and filter `host`'s output with it."""
-    host.add_module(FILTER_NAME, task_filter)
-    task_filter.hook_handle = host.register_forward_hook(filter_host_output)
+def filter_dispatch(host: nn.Module) -> FilterDispatch | None:
+    """The hook through which `host`'s filters run, or None where it holds none."""
+    names = filter_names(host)
+    return filter_of(host, names[0]).dispatch if names else None
 
 
-def detach_filter(host: nn.Module) -> TaskAwareFilter:
-    """Undo `attach_filter`: `host` computes its plain output again. Returns the filter."""
-    task_filter = getattr(host, FILTER_NAME)
-    task_filter.hook_handle.remove()
-    task_filter.hook_handle = None
-    delattr(host, FILTER_NAME)
+def attach_filter(host: nn.Module, task_filter: TaskAwareFilter, name: str = DEFAULT_ADAPTER) -> None:
+    """Make `task_filter` adapter `name`'s filter on `host` (see `filter_of`), filtering the
+    host's output through its one `FilterDispatch` hook (registered with the host's first filter)."""
+    dispatch = filter_dispatch(host) or FilterDispatch(host)
+    if name == DEFAULT_ADAPTER:
+        host.add_module(FILTER_NAME, task_filter)
+    else:
+        if not hasattr(host, NAMED_FILTERS):
+            host.add_module(NAMED_FILTERS, nn.ModuleDict())
+        getattr(host, NAMED_FILTERS)[name] = task_filter
+    task_filter.dispatch = dispatch
+
+
+def detach_filter(host: nn.Module, name: str = DEFAULT_ADAPTER) -> TaskAwareFilter:
+    """Undo `attach_filter`; with the host's last filter its hook goes too, and `host` computes
+    its plain output again. Returns the filter."""
+    task_filter = filter_of(host, name)
+    if name == DEFAULT_ADAPTER:
+        delattr(host, FILTER_NAME)
+    else:
+        named = getattr(host, NAMED_FILTERS)
+        del named[name]
+        if not len(named):
+            delattr(host, NAMED_FILTERS)
+    if not filter_names(host):
+        task_filter.dispatch.handle.remove()
+    task_filter.dispatch = None
     return task_filter
 
 
-def filter_of(host: nn.Module) -> TaskAwareFilter | None:
-    found = getattr(host, FILTER_NAME, None)
-    return found if isinstance(found, TaskAwareFilter) else None
+def move_filters(source: nn.Module, target: nn.Module) -> None:
+    """Every filter of `source` onto `target`, which holds none; the same one runs."""
+    dispatch = filter_dispatch(source)
+    for name in filter_names(source):
+        attach_filter(target, detach_filter(source, name), name)
+    if dispatch is not None:
+        filter_dispatch(target).active = dispatch.active

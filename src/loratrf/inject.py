@@ -19,11 +19,19 @@ from loratrf._torch_internals import (
     registered_children,
     set_fused_encoder_path,
 )
-from loratrf.config import InjectionConfig, Plan
+from loratrf.config import DEFAULT_ADAPTER, InjectionConfig, Plan
 from loratrf.errors import InjectionError
-from loratrf.filter import FILTER_NAME, TaskAwareFilter, attach_filter, detach_filter, filter_of
+from loratrf.filter import (
+    FILTER_NAME,
+    NAMED_FILTERS,
+    TaskAwareFilter,
+    attach_filter,
+    filter_dispatch,
+    filter_of,
+    move_filters,
+)
 from loratrf.lora import LoRALinear, is_conv1d
-from loratrf.walk import named_adapter_parameters, unwrap
+from loratrf.walk import active_adapter, adapter_parameters, named_adapter_parameters, unwrap
 
 SUPPORTED_TARGETS = "nn.Linear (or a subclass that keeps nn.Linear.forward) and Hugging Face's Conv1D (GPT-2)"
 
@@ -49,9 +57,13 @@ def inject(model: nn.Module, config: InjectionConfig | None = None, /, **overrid
     make the whole config (`inject(model, targets=[...], rank=8)`). Every pattern is a regex
     matched against whole qualified module names (`re.fullmatch`), and must match at least one
     module. Base parameters keep their names and Parameter objects; afterwards every parameter
-    is frozen except the adapters and the modules matched by `trainable`. The model computes
-    exactly what it computed before. All checks run before anything changes, so a refused call
-    leaves the model untouched. Returns the config applied.
+    is frozen except the active adapter and the modules matched by `trainable`. The model
+    computes exactly what it computed before. All checks run before anything changes, so a
+    refused call leaves the model untouched. Returns the config applied.
+
+    `adapter` names the adapter the new layers and filters belong to ("default"); another name
+    adds an adapter beside those already on the same modules (docs/adapters.md). The active
+    adapter stays as it was, unless none was active: then the new one runs.
     """
     if config is None:
         config = InjectionConfig.from_dict(overrides)
@@ -65,7 +77,7 @@ def inject(model: nn.Module, config: InjectionConfig | None = None, /, **overrid
     if problem := engine_problem(model):
         raise InjectionError(f"cannot inject: {problem}")
     root = unwrap(model)
-    apply_plan(root, _plan(root, config))
+    apply_plan(root, _plan(root, config), config.adapter)
     return config
 
 
@@ -104,25 +116,31 @@ def _check_trainable_modules(trainable: Sequence[str], lora: Mapping[str, Any], 
             )
 
 
-def apply_plan(root: nn.Module, plan: Plan) -> None:
-    """Inject what `plan` names into `root` (already unwrapped). Checks everything first."""
+def apply_plan(root: nn.Module, plan: Plan, adapter: str = DEFAULT_ADAPTER) -> None:
+    """Inject what `plan` names into `root` (already unwrapped) as adapter `adapter`. Checks
+    everything first."""
     candidates = named_candidates(root)
     parents = parent_map(root)
-    problems = [p for name in plan.lora if (p := _target_problem(name, candidates, parents))]
-    problems += [p for name in plan.filters if (p := _filter_problem(name, candidates, parents))]
+    problems = [p for name in plan.lora if (p := _target_problem(name, candidates, parents, adapter))]
+    problems += [p for name in plan.filters if (p := _filter_problem(name, candidates, parents, adapter))]
     problems += _trainable_problems(root, plan, candidates)
     if problems:
         raise InjectionError("cannot inject:\n- " + "\n- ".join(dict.fromkeys(problems)))
 
+    active = active_adapter(root)
     replacements: dict[int, LoRALinear] = {}
     for name, spec in plan.lora.items():
         module = candidates[name]
-        if id(module) not in replacements:
-            new = replacements[id(module)] = LoRALinear.from_linear(module, **dataclasses.asdict(spec))
-            if filter_of(module) is not None:  # a filter kept by `unload` moves onto the new layer
-                attach_filter(new, detach_filter(module))
-            for parent, child_name in parents[id(module)]:
-                setattr(parent, child_name, new)
+        if id(module) in replacements:
+            continue
+        if isinstance(module, LoRALinear):  # beside the adapters it holds
+            module.add_adapter(adapter, spec)
+            replacements[id(module)] = module
+            continue
+        new = replacements[id(module)] = LoRALinear.from_linear(module, adapter=adapter, **dataclasses.asdict(spec))
+        move_filters(module, new)  # filters kept by `unload` move onto the new layer
+        for parent, child_name in parents[id(module)]:
+            setattr(parent, child_name, new)
     hosts: set[int] = set()  # a module registered under several names gets one filter
     for name, spec in plan.filters.items():
         host = candidates[name]
@@ -131,9 +149,22 @@ def apply_plan(root: nn.Module, plan: Plan) -> None:
             continue
         hosts.add(id(host))
         device, host_dtype = _placement(host, root)
-        attach_filter(host, TaskAwareFilter.from_spec(spec, device, host_dtype))
+        attach_filter(host, TaskAwareFilter.from_spec(spec, device, host_dtype), adapter)
     sync_fused_encoder_paths(root)
     _freeze_base(root, plan.trainable)
+    activate(root, adapter if active is None else active)
+
+
+def activate(root: nn.Module, name: str | None) -> None:
+    """Adapter `name` runs in every module (None: none does), and its tensors alone among the
+    adapters' require grad; base parameters are left as they are."""
+    for module in root.modules():
+        if isinstance(module, LoRALinear):
+            module.active_adapter = name
+        if (dispatch := filter_dispatch(module)) is not None:
+            dispatch.active = name
+    for found in adapter_parameters(root):
+        found.parameter.requires_grad_(found.adapter == name)
 
 
 def _trainable_problems(root: nn.Module, plan: Plan, candidates: Mapping[str, nn.Module]) -> list[str]:
@@ -186,7 +217,7 @@ def named_candidates(model: nn.Module) -> dict[str, nn.Module]:
 
     def walk(module: nn.Module, prefix: str) -> None:
         for name, child in registered_children(module):
-            if isinstance(child, TaskAwareFilter):
+            if isinstance(child, TaskAwareFilter) or (name == NAMED_FILTERS and isinstance(child, nn.ModuleDict)):
                 continue
             qualified = f"{prefix}.{name}" if prefix else name
             found[qualified] = child
@@ -258,14 +289,21 @@ def _bypass_problem(name: str, module: nn.Module, parents: Mapping[int, list[tup
     return None
 
 
-def _target_problem(name: str, candidates: Mapping[str, nn.Module], parents) -> str | None:
-    """Why the module `name` cannot take a LoRA adapter, or None."""
+def _target_problem(name: str, candidates: Mapping[str, nn.Module], parents, adapter: str) -> str | None:
+    """Why the module `name` cannot take LoRA adapter `adapter`, or None."""
     module = candidates.get(name)
     if module is None:
         return f"the model has no module named {name!r}"
     kind = type(module).__name__
+    if isinstance(module, LoRALinear) and module.parts(adapter) is not None:
+        named = "" if adapter == DEFAULT_ADAPTER else f" named {adapter!r}"
+        return (
+            f"{name!r} already has a LoRA adapter{named}; inject once per module and adapter name "
+            "(inject(..., adapter='<another name>') adds one beside it; loratrf.delete_adapter or "
+            "loratrf.unload removes adapters)"
+        )
     if isinstance(module, LoRALinear):
-        return f"{name!r} already has a LoRA adapter; inject once per module (loratrf.unload removes adapters)"
+        return _bypass_problem(name, module, parents)
     if why := _bypass_reason(module):
         return f"{name!r} is a {kind}: {why}"
     if not (is_conv1d(module) or isinstance(module, nn.Linear)):
@@ -286,20 +324,26 @@ def _target_problem(name: str, candidates: Mapping[str, nn.Module], parents) -> 
 
 
 def _filter_hooks(module: nn.Module) -> tuple[int, ...]:
-    """The id of the forward hook through which loratrf's filter on `module` runs, if any."""
-    task_filter = filter_of(module)
-    return (task_filter.hook_handle.id,) if task_filter is not None else ()
+    """The id of the forward hook through which loratrf's filters on `module` run, if any."""
+    dispatch = filter_dispatch(module)
+    return (dispatch.handle.id,) if dispatch is not None else ()
 
 
-def _filter_problem(name: str, candidates: Mapping[str, nn.Module], parents) -> str | None:
-    """Why the output of the module `name` cannot be filtered, or None."""
+def _filter_problem(name: str, candidates: Mapping[str, nn.Module], parents, adapter: str) -> str | None:
+    """Why the output of the module `name` cannot take adapter `adapter`'s filter, or None."""
     host = candidates.get(name)
     if host is None:
         return f"the model has no module named {name!r}"
-    if filter_of(host) is not None:
-        return f"{name!r} already has a task-aware filter; inject once per module (loratrf.unload removes filters)"
-    if hasattr(host, FILTER_NAME):
-        return f"{name!r} already has an attribute named {FILTER_NAME!r}, where the filter would go"
+    if filter_of(host, adapter) is not None:
+        named = "" if adapter == DEFAULT_ADAPTER else f" of adapter {adapter!r}"
+        return (
+            f"{name!r} already has a task-aware filter{named}; inject once per module and adapter name "
+            "(inject(..., adapter='<another name>') adds one beside it; loratrf.delete_adapter or "
+            "loratrf.unload removes filters)"
+        )
+    slot = FILTER_NAME if adapter == DEFAULT_ADAPTER else NAMED_FILTERS
+    if hasattr(host, slot) and (adapter == DEFAULT_ADAPTER or not isinstance(getattr(host, slot), nn.ModuleDict)):
+        return f"{name!r} already has an attribute named {slot!r}, where the filter would go"
     return _bypass_problem(name, host, parents)
 
 
@@ -338,10 +382,10 @@ def sync_fused_encoder_paths(model: nn.Module) -> None:
 
 
 def _freeze_base(model: nn.Module, trainable_params: Sequence[str]) -> None:
-    """Only adapters and the named parameters stay trainable."""
-    keep = {id(p) for _, p in named_adapter_parameters(model)}
+    """Of the base parameters, only the named ones stay trainable (`activate` sets the adapters')."""
+    adapters = {id(p) for _, p in named_adapter_parameters(model)}
     wanted = set(trainable_params)
-    keep |= {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name in wanted}
+    keep = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name in wanted}
     for p in model.parameters():
-        if p.is_floating_point() or p.is_complex():
+        if id(p) not in adapters and (p.is_floating_point() or p.is_complex()):
             p.requires_grad_(id(p) in keep)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 from torch import nn
 
-from loratrf.filter import TaskAwareFilter
-from loratrf.lora import LoRALinear
-from loratrf.walk import unwrap
+from loratrf.walk import active_adapter, adapter_parameters, unwrap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +19,8 @@ class Summary:
     other: int  # trainable base parameters (e.g. a classifier head)
     base_total: int  # every base parameter, trainable or not
     dora: int = 0  # of `lora`: the trainable DoRA magnitude vectors (one entry per output feature)
+    adapters: Mapping[str, int] = dataclasses.field(default_factory=dict)  # every adapter's size, trainable or not
+    active: str | None = None  # the adapter that runs (`set_adapter`)
 
     @property
     def trainable(self) -> int:
@@ -43,25 +44,29 @@ class Summary:
         width = max(len(f"{n:,}") for _, n in rows)
         lines = [f"{label:<16} {n:>{width},}" for label, n in rows]
         lines.append(f"{'trainable / base':<16} {self.percent:>{width}.4f}%")
+        lines += [
+            f"adapter {name!r}: {n:,} parameters" + (" (active)" if name == self.active else "")
+            for name, n in self.adapters.items()
+        ]
         return "\n".join(lines)
 
 
 def summary(model: nn.Module) -> Summary:
-    """Count `model`'s parameters (shared ones once); works on the meta device.
+    """Count `model`'s parameters (shared ones once); works on the meta device. The first
+    fields count trainable parameters (the active adapter's, as only it trains); `adapters`
+    gives every adapter's size.
 
     Adapter layers of PEFT (its tuner layers: LoRA, DoRA, AdaLoRA, ...) count as LoRA too, so
     one summary compares loratrf's methods with PEFT's on the same model.
     """
     kind: dict[int, str] = {}
     root = unwrap(model)
+    sizes: dict[str, int] = {}
+    for found in adapter_parameters(root):
+        kind[id(found.parameter)] = found.kind
+        sizes[found.adapter] = sizes.get(found.adapter, 0) + found.parameter.numel()
     for module in root.modules():
-        if isinstance(module, LoRALinear):
-            kind.update({id(p): "lora" for p in module.lora.parameters()})
-            if module.magnitude is not None:
-                kind[id(module.magnitude)] = "dora"
-        elif isinstance(module, TaskAwareFilter):
-            kind.update({id(p): "filter" for p in module.parameters()})
-        elif _is_peft_tuner_layer(module):
+        if _is_peft_tuner_layer(module):
             # its adapters, and its adapters' other tensors (AdaLoRA's frozen `ranknum`)
             for name in (*module.adapter_layer_names, *getattr(module, "other_param_names", ())):
                 adapters = getattr(module, name, None)
@@ -76,7 +81,7 @@ def summary(model: nn.Module) -> Summary:
         if p.requires_grad:
             counts[k] += p.numel()
     counts["lora"] += counts["dora"]
-    return Summary(**counts)
+    return Summary(**counts, adapters=sizes, active=active_adapter(root) if sizes else None)
 
 
 def _is_peft_tuner_layer(module: nn.Module) -> bool:

@@ -33,11 +33,10 @@ import torch
 from torch import Tensor, nn
 
 from loratrf.adapter_file import full_tensor, write_atomically
-from loratrf.config import LoRASpec, Plan
+from loratrf.config import DEFAULT_ADAPTER, LoRASpec, Plan
 from loratrf.errors import AdapterFileError, InjectionError
-from loratrf.filter import TaskAwareFilter
 from loratrf.inject import SUPPORTED_TARGETS, apply_plan, engine_problem, named_candidates
-from loratrf.lora import LoRALinear, is_conv1d
+from loratrf.lora import LoRAAdapter, LoRALinear, is_conv1d
 from loratrf.walk import named_adapter_parameters, named_filters, named_lora_layers, unwrap
 
 CONFIG_NAME = "adapter_config.json"
@@ -85,10 +84,12 @@ def export_peft(
     model: nn.Module,
     directory: str | os.PathLike,
     *,
+    adapter: str = DEFAULT_ADAPTER,
     lora_only: bool = False,
     base_model_name_or_path: str | None = None,
 ) -> dict[str, Any]:
-    """Write the LoRA layers of `model` as a PEFT LoRA adapter folder (created if missing):
+    """Write the LoRA layers of adapter `adapter` of `model` as a PEFT LoRA adapter folder
+    (created if missing):
     `adapter_config.json` and `adapter_model.safetensors`, which
     `peft.PeftModel.from_pretrained(base_model, directory)` loads onto the base model to
     compute what `model` computes. Returns the config written.
@@ -101,11 +102,18 @@ def export_peft(
     writes; a sharded (FSDP2) model's tensors are gathered, so there every rank must call this.
     """
     root = unwrap(model)
-    layers = dict(named_lora_layers(root))
-    if not layers:
+    lora_layers = dict(named_lora_layers(root))
+    if not lora_layers:
         raise AdapterFileError("the model holds no LoRA layers to export; call loratrf.inject first")
+    layers = {name: parts for name, layer in lora_layers.items() if (parts := layer.parts(adapter)) is not None}
+    if not layers:
+        held = list(dict.fromkeys(n for layer in lora_layers.values() for n in layer.adapter_names()))
+        raise AdapterFileError(
+            f"the model holds no LoRA layers of adapter {adapter!r} to export; its LoRA adapters are {held}: "
+            "pass export_peft(..., adapter=<one of them>)"
+        )
     if not lora_only:
-        _refuse_what_peft_cannot_hold(root)
+        _refuse_what_peft_cannot_hold(root, adapter)
     config = peft_config(root, layers, base_model_name_or_path)
     tensors: dict[str, Tensor] = {}
     for name, layer in layers.items():
@@ -128,9 +136,10 @@ def export_peft(
 
 
 def peft_config(
-    root: nn.Module, layers: Mapping[str, LoRALinear], base_model_name_or_path: str | None = None
+    root: nn.Module, layers: Mapping[str, LoRALinear | LoRAAdapter], base_model_name_or_path: str | None = None
 ) -> dict[str, Any]:
-    """The `adapter_config.json` (a `peft.LoraConfig`, as a dict) for these LoRA layers of `root`."""
+    """The `adapter_config.json` (a `peft.LoraConfig`, as a dict) for one adapter's parts
+    (`LoRALinear.parts`) on these LoRA layers of `root`."""
     dropouts = {layer.dropout for layer in layers.values()}
     rsloras = {layer.lora.rslora for layer in layers.values()}
     doras = {layer.dora for layer in layers.values()}
@@ -178,7 +187,7 @@ def peft_config(
         "alpha_pattern": alpha_pattern,
         "use_rslora": rsloras.pop(),
         "use_dora": doras.pop(),
-        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
+        "fan_in_fan_out": any(root.get_submodule(name).fan_in_fan_out for name in layers),
         "bias": "none",
         "modules_to_save": None,
         "init_lora_weights": "gaussian" if init == "gaussian" else True,
@@ -434,31 +443,14 @@ def _target_modules(root: nn.Module, names: list[str]) -> list[str] | str:
     """PEFT's target_modules for exactly these modules: the list of names where no other module's
     name ends with `.<one of them>` (PEFT matches list entries as suffixes), else one regex."""
     wanted = set(names)
-    others = [n for n in _base_module_names(root) if n not in wanted]
+    others = [n for n in named_candidates(root) if n not in wanted]
     if not any(o.endswith(f".{n}") for o in others for n in names):
         return names
     return "|".join(re.escape(n) for n in names)
 
 
-def _base_module_names(root: nn.Module) -> list[str]:
-    """The module names a fresh base model would have: loratrf's own submodules left out."""
-    inside: list[str] = []
-    names = []
-    for name, module in root.named_modules():
-        if any(name.startswith(f"{p}.") for p in inside):
-            continue
-        if isinstance(module, TaskAwareFilter):
-            inside.append(name)
-            continue
-        if isinstance(module, LoRALinear):
-            inside.append(name)
-        if name:
-            names.append(name)
-    return names
-
-
-def _refuse_what_peft_cannot_hold(root: nn.Module) -> None:
-    hosts = [host or "(the model itself)" for host, _ in named_filters(root)]
+def _refuse_what_peft_cannot_hold(root: nn.Module, adapter: str) -> None:
+    hosts = [host or "(the model itself)" for host, _ in named_filters(root, adapter)]
     adapter = {name for name, _ in named_adapter_parameters(root)}
     trainable = [n for n, p in root.named_parameters() if p.requires_grad and n not in adapter]
     held = []

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 from torch import nn
 
 from loratrf._torch_internals import compiled_original
 from loratrf.errors import InjectionError
-from loratrf.filter import FILTER_NAME, TaskAwareFilter
-from loratrf.lora import LoRALinear
+from loratrf.config import DEFAULT_ADAPTER
+from loratrf.filter import FILTER_NAME, TaskAwareFilter, filter_dispatch, filter_names, filter_of
+from loratrf.lora import LoRALinear, parts_parameters
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -31,17 +33,60 @@ def named_lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
             yield name, module
 
 
-def named_filters(model: nn.Module) -> Iterator[tuple[str, TaskAwareFilter]]:
-    """`(host name, filter)` for every module whose output is filtered."""
+def named_filters(model: nn.Module, adapter: str = DEFAULT_ADAPTER) -> Iterator[tuple[str, TaskAwareFilter]]:
+    """`(host name, filter)` for every module whose output adapter `adapter` filters."""
     for name, module in unwrap(model).named_modules():
-        if isinstance(module, TaskAwareFilter) and name.rsplit(".", 1)[-1] == FILTER_NAME:
-            yield name[: -len(FILTER_NAME)].rstrip("."), module
+        if (task_filter := filter_of(module, adapter)) is not None:
+            yield name, task_filter
 
 
-def named_adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """Every LoRA and filter tensor, named as in `model.state_dict()`."""
-    for name, module in unwrap(model).named_modules():
-        if isinstance(module, (LoRALinear, TaskAwareFilter)):
-            for local, p in module.named_parameters():
-                if local not in module.base_parameter_names:
-                    yield f"{name}.{local}" if name else local, p
+class AdapterParameter(NamedTuple):
+    adapter: str  # the adapter's name
+    key: str  # its name in `model.state_dict()`
+    file_key: str  # its name in an adapter file, where every adapter is keyed as the default is
+    parameter: nn.Parameter
+    kind: str  # "lora", "dora" (a DoRA magnitude) or "filter"
+
+
+def adapter_parameters(model: nn.Module) -> Iterator[AdapterParameter]:
+    """Every LoRA and filter tensor of every adapter, in module order."""
+    root = unwrap(model)
+    qualified = {id(m): n for n, m in root.named_modules()}
+    for name, module in root.named_modules():
+        if isinstance(module, LoRALinear):
+            for adapter in module.adapter_names():
+                parts = module.parts(adapter)
+                for local, p in parts_parameters(parts):
+                    kind = "dora" if local == "magnitude" else "lora"
+                    yield AdapterParameter(adapter, _key(qualified[id(parts)], local), _key(name, local), p, kind)
+        for adapter in filter_names(module):
+            task_filter = filter_of(module, adapter)
+            for local, p in task_filter.named_parameters():
+                key, file_key = _key(qualified[id(task_filter)], local), _key(name, f"{FILTER_NAME}.{local}")
+                yield AdapterParameter(adapter, key, file_key, p, "filter")
+
+
+def named_adapter_parameters(model: nn.Module, adapter: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
+    """Every LoRA and filter tensor (of adapter `adapter` only, if given), named as in `model.state_dict()`."""
+    for found in adapter_parameters(model):
+        if adapter is None or found.adapter == adapter:
+            yield found.key, found.parameter
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the model's adapters, in module order."""
+    return list(dict.fromkeys(found.adapter for found in adapter_parameters(model)))
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The adapter that runs (`set_adapter`); None when none does or the model holds none."""
+    for module in unwrap(model).modules():
+        if isinstance(module, LoRALinear):
+            return module.active_adapter
+        if (dispatch := filter_dispatch(module)) is not None:
+            return dispatch.active
+    return None
+
+
+def _key(prefix: str, local: str) -> str:
+    return f"{prefix}.{local}" if prefix else local
