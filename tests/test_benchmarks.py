@@ -59,3 +59,13 @@ def test_the_mixed_batch_benchmark_runs_end_to_end(capsys):
     assert "CPU: " in out and "thread(s)" in out and "tokens/s" in out
     for name in ("frozen stack", "loratrf use_adapters, 4 adapters", "PEFT"):
         assert name in out
+
+
+def test_the_dora_benchmark_runs_end_to_end(capsys):
+    import dora
+
+    dora.main(["--rounds", "2", "--shape", "2", "4", "16", "--rank", "2"])
+    out = capsys.readouterr().out
+    assert "CPU: " in out and "thread(s)" in out
+    for name in ("nn.Linear (frozen)", "loratrf LoRA", "loratrf DoRA", "PEFT", "loratrf DoRA / PEFT"):
+        assert name in out

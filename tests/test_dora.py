@@ -548,19 +548,3 @@ def test_gpt2_conv1d_layers_take_dora_and_agree_with_peft():
     loratrf.unmerge(ours)
     for name, layer in layers.items():
         assert (layer.weight - base.get_submodule(name).weight).abs().max() <= 1e-10
-
-
-def test_the_dora_benchmark_runs_end_to_end(capsys):
-    """benchmarks/dora.py on tiny shapes, two rounds; the figures are not checked."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dora.py"
-    spec = importlib.util.spec_from_file_location("dora_benchmark", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    bench.main(["--rounds", "2", "--shape", "2", "4", "16", "--rank", "2"])
-    out = capsys.readouterr().out
-    assert "CPU: " in out and "thread(s)" in out
-    for name in ("nn.Linear (frozen)", "loratrf LoRA", "loratrf DoRA", "PEFT", "loratrf DoRA / PEFT"):
-        assert name in out
