@@ -42,7 +42,7 @@ demo: $(VENV)/.test
 	$(RUN) -m loratrf.experiments demo $(ARGS)
 
 story: $(VENV)/.test
-	$(BIN)/python -m loratrf.experiments.story
+	$(BIN)/python examples/story.py
 
 # writes docs/benchmarks.md and docs/benchmarks.png (a few minutes on 2 cores), with glibc's
 # default malloc and OpenMP settings, as a user's process runs; pass options with ARGS="--rounds 21"
