@@ -24,7 +24,7 @@ from loratrf.experiments.training import Encoded, pad
 PROBE_SENTENCES = 256
 PICTURE_SENTENCES = 6
 PICTURE_TOKENS = (6, 14)  # the picture's sentences: this many tokens, [CLS] and [SEP] included
-DIGITS = 4  # recorded gates are rounded, to keep results.json small
+DIGITS = 4  # recorded gates are rounded, to keep run files small
 
 
 def picture_rows(data: Encoded) -> list[int]:
