@@ -812,7 +812,10 @@ def test_the_report_answers_the_claims_with_intervals_and_says_what_is_not_yet_r
     assert "r=4 +10.0 [+10.0, +10.0]. Grows, resolved, at r = 4." in text
     assert "3. **W_o, W_f1, W_f2 best**: not yet run" in text
     assert "**PEFT's LoRA vs loratrf's** (r=8, all six, the same rate): agree within the interval" in text
-    assert "| [headline](#headline) | 10 / 10 | 2 min |" in text and "In all: 33 runs" in text
+    # planned, 3 seeds: 24 distinct swept methods on movies x (3 rates + 2 seeds), PEFT's 3 seeds; domains:
+    # 3 methods x (3 seeds on transfer, tuned on movies' sweep, + 5 on each of 3 domains); TREC 3 x 5
+    assert "In all: 33 runs done of 192 planned" in text and 24 * 5 + 3 + 3 * (3 + 3 * 5) + 3 * 5 == 192
+    assert "| [headline](#headline) | 10 / 10 | 2 min |" in text
     assert "Not yet run (15 runs planned)" in text.split("### trec")[1]  # 3 methods: 3 rates + 4 more seeds
     module = text.split("### module")[1].split("###")[0]  # v,f1,f2 done (headline): 3 rates + 2 seeds of 6 x 5
     assert "| LoRATRF r=24 (q,v + filters r=8) | sweep not finished |" in module and "5 of 30 runs done" in module
@@ -920,7 +923,7 @@ def test_smoke_grid_sweeps_resumes_and_reports(tmp_path, capsys):
     assert cli.main(["report", "--smoke", "--out", str(tmp_path), "--page", str(page), "--figures", str(tmp_path)]) == 0
     text = page.read_text()
     assert "LoRA r=2 (v)" not in text  # the custom grid is not among the reported studies
-    assert "1. **LoRATRF ≥ LoRA with fewer parameters**: not yet run" in text and "In all: 4 runs" in text
+    assert "1. **LoRATRF ≥ LoRA with fewer parameters**: not yet run" in text and "In all: 4 runs done of" in text
 
 
 @needs_demo_packages

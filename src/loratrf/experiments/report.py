@@ -140,15 +140,21 @@ def comparison_table(pairs: Sequence[Paired]) -> list[str]:
 # --- compute -----------------------------------------------------------------------------------------
 
 
-def study_runs(study: Study, runs: Runs, seeds: Sequence[int]) -> tuple[list[Mapping], int]:
-    """The finished runs a study uses (its sweep and its seeds at the chosen rates) and how many
-    it plans in all (a seed waiting on its sweep counts once, unless it will be a sweep run)."""
+def study_runs(study: Study, runs: Runs, seeds: Sequence[int]) -> tuple[list[Mapping], set[tuple]]:
+    """The finished runs a study uses (its sweep and its seeds at the chosen rates), and every
+    run it plans, as `(method, task, seed, lr)` keys (lr None: a seed waiting on its sweep,
+    unless that run is one of the sweep's)."""
     planned = list(dict.fromkeys(sweep_runs(study) if runs.tune else []))
     specs, waiting = seed_runs(study, seeds, runs)
     planned += [s for s in dict.fromkeys(specs) if s not in planned]
     done = [r for s in planned if (r := runs.get(s.method, s.task, s.seed, s.lr)) is not None]
-    in_sweep = [s == SWEEP_SEED and sweep_task(t) == t and m.tuned_as == m for m, t, s in waiting]
-    return done, len(planned) + in_sweep.count(False)
+    keys = {(str(s.method), s.task, s.seed, s.lr) for s in planned}
+    keys |= {
+        (str(m), t, s, None)
+        for m, t, s in waiting
+        if not (runs.tune and s == SWEEP_SEED and sweep_task(t) == t and m.tuned_as == m)
+    }
+    return done, keys
 
 
 def seconds(records: Sequence[Mapping]) -> float:
@@ -161,16 +167,17 @@ def hours(s: float) -> str:
 
 def compute_lines(chosen: Mapping[str, Study], runs: Runs, seeds: Sequence[int]) -> list[str]:
     lines = ["| study | runs done / planned | CPU time of its runs |", "|---|---|---|"]
+    every_planned: set[tuple] = set()
     for name, study in chosen.items():
         done, planned = study_runs(study, runs, seeds)
-        lines.append(f"| [{name}](#{name}) | {len(done)} / {planned} | {hours(seconds(done))} |")
+        every_planned |= planned
+        lines.append(f"| [{name}](#{name}) | {len(done)} / {len(planned)} | {hours(seconds(done))} |")
     every = list(runs.records.values())
-    per_run = seconds(every) / len(every) if every else float("nan")
+    per_run = f"{seconds(every) / len(every):.0f} s a run on average; " if every else ""
     lines += [
         "",
-        f"In all: {len(every)} runs, {hours(seconds(every))} of training and evaluation "
-        + (f"({per_run:.0f} s a run on average; " if every else "(")
-        + "runs shared by studies count once here and in each study above).",
+        f"In all: {len(every)} runs done of {len(every_planned)} planned, {hours(seconds(every))} of training and "
+        f"evaluation ({per_run}runs shared by studies count once here and in each study above).",
         "",
     ]
     return lines
@@ -351,8 +358,8 @@ def study_section(
     lines = [f"### {name}", "", study.question + ".", ""]
     done, planned = study_runs(study, runs, seeds)
     if not done:
-        return lines + [f"Not yet run ({planned} runs planned): `grid --study {name}`.", ""]
-    lines += [f"{len(done)} of {planned} runs done, {hours(seconds(done))} of CPU time.", ""]
+        return lines + [f"Not yet run ({len(planned)} runs planned): `grid --study {name}`.", ""]
+    lines += [f"{len(done)} of {len(planned)} runs done, {hours(seconds(done))} of CPU time.", ""]
     lines += method_table(study, runs)
     if runs.tune:
         lines += sweep_table(study, runs)
