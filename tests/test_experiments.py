@@ -860,6 +860,15 @@ def test_peft_specs_read_as_documented():
     assert Method.parse("lora:all:r8:peft") == Method("lora", MATRICES, 8, peft=True)
     assert Method.parse("lora:v:r4:peft").title == "PEFT LoRA r=4 (v)"
     assert Method.parse("lora:v:peft:lr=0.01").tuned_as == Method.parse("lora:v")
+    assert Method.parse("dora:v:r4:peft").title == "PEFT DoRA r=4 (v)"
+    import loratrf
+
+    counts = []
+    for spec in ("lora:v,f1,f2:r4:dora", "lora:v,f1,f2:r4:dora:peft"):  # PEFT's DoRA: the same magnitudes
+        model = tiny_bert()
+        prepare(model, Method.parse(spec))
+        counts.append(loratrf.summary(model))
+    assert counts[0].lora == counts[1].lora == 4 * 2 * ((32 + 32) + (32 + 64) + (64 + 32)) + 2 * (32 + 64 + 32)
     for bad in ("loratrf:v:peft", "full:peft", "adalora:v:peft"):
         with pytest.raises(ValueError, match="method specs are"):
             Method.parse(bad)

@@ -58,9 +58,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="full FT vs the paper's LoRA vs LoRATRF on movie sentiment, untuned rates",
         description="Full fine-tuning, LoRA r=8 on all six matrices, and LoRATRF (LoRA r=8 on "
         "v,f1,f2 + filters) on movie-review sentiment at their default learning rates: 2,000 training "
-        "sentences, 3 epochs, tested on the other 8,068.",
+        "sentences, 3 epochs, tested on the other 8,066.",
     )
     demo.add_argument("--out", type=Path, help="results folder (default: results/demo-<time>); one is resumed")
+    # --seeds is each command's own option: parents share an option's default among their children
     demo.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (default %(default)s)")
     grid = sub.add_parser(
         "grid",
@@ -78,7 +79,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     report.add_argument(
         "--seeds", type=int, nargs="+", default=list(SEEDS), help="training seeds (default %(default)s)"
     )
-    # (an option of each command, not of a shared parent: parents share their options' defaults)
     sub.add_parser("list", help="the studies, tasks, method specs and learning-rate sweeps")
     return parser.parse_args(argv)
 
@@ -102,8 +102,8 @@ def chosen_studies(args: argparse.Namespace, base) -> dict[str, Study]:
     (a custom study when `grid` names methods or tasks and no study)."""
     known = studies(base, args.ranks)
     if args.command == "grid" and not args.study and (args.methods or args.tasks):
-        names = ["custom"]
         known["custom"] = Study("A grid of the given methods and tasks", known["demo"].methods, ("movies",))
+        names = ["custom"]
     else:
         names = ["demo"] if args.command == "demo" else (args.study or [n for n in known if n != "demo"])
     unknown = [n for n in names if n not in known]
@@ -123,7 +123,7 @@ def chosen_studies(args: argparse.Namespace, base) -> dict[str, Study]:
     return chosen
 
 
-def run(args: argparse.Namespace):
+def run(args: argparse.Namespace) -> None:
     """`demo` or `grid`: train every missing run, then print (and for `demo` write) the results."""
     from loratrf.experiments.backbone import Backbone
     from loratrf.experiments.report import console_table, write_page
@@ -152,7 +152,6 @@ def run(args: argparse.Namespace):
             runs, chosen, config, args.seeds, out / "results.md", out, title="loratrf demo results", claims=False
         )
         print(f"results: {page} and its figures in {out}/")
-    return runs
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,12 +37,16 @@ import dataclasses
 import math
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 import loratrf
 from loratrf.presets import MATRICES
+
+if TYPE_CHECKING:
+    import peft
 
 KINDS = ("full", "head", "lora", "loratrf", "filters", "bitfit", "adalora")
 GRAMMAR = (
@@ -260,7 +264,7 @@ class Method:
 
 def prepare(
     model: nn.Module, method: Method, *, total_steps: int | None = None
-) -> loratrf.InjectionConfig | AdaLoRA | object | None:
+) -> loratrf.InjectionConfig | AdaLoRA | peft.LoraConfig | None:
     """Make `method` trainable in `model` (in place): inject adapters (PEFT's for ':peft', whose
     `LoraConfig` it returns), unfreeze all for `full`, only the head for `head`, the biases and
     the head for `bitfit`. `adalora` needs the run's `total_steps` (its pruning schedule) and
@@ -295,7 +299,7 @@ def prepare(
     return config
 
 
-def peft_lora(model: nn.Module, method: Method):
+def peft_lora(model: nn.Module, method: Method) -> peft.LoraConfig:
     """PEFT's LoRA (`peft.LoraModel`, injected into `model` in place) as loratrf's preset builds
     it: the same target modules (one regex, matched whole), rank, alpha, dropout (none) and
     initialisation (A uniform on ±1/sqrt(d_in), PEFT's kaiming default, and B = 0); the head
