@@ -810,7 +810,7 @@ def test_the_report_answers_the_claims_with_intervals_and_says_what_is_not_yet_r
     assert "McNemar p = 0.002" in text  # b = 3 + 4 + 3 = 10, c = 0: p = 2 / 2**10
     # rank: the gap is 1 sentence larger at r=4 than at r=16 for every seed: +10.0, no spread
     assert "r=4 +10.0 [+10.0, +10.0]. Grows, resolved, at r = 4." in text
-    assert "3. **W_o, W_f1, W_f2 best**: not yet run" in text
+    assert "3. **W_o, W_f1, W_f2 best**: not yet measured" in text
     assert "**PEFT's LoRA vs loratrf's** (r=8, all six, the same rate): agree within the interval" in text
     # planned, 3 seeds: 24 distinct swept methods on movies x (3 rates + 2 seeds), PEFT's 3 seeds; domains:
     # 3 methods x (3 seeds on transfer, tuned on movies' sweep, + 5 on each of 3 domains); TREC 3 x 5
@@ -932,7 +932,7 @@ def test_smoke_grid_sweeps_resumes_and_reports(tmp_path, capsys):
     assert cli.main(["report", "--smoke", "--out", str(tmp_path), "--page", str(page), "--figures", str(tmp_path)]) == 0
     text = page.read_text()
     assert "LoRA r=2 (v)" not in text  # the custom grid is not among the reported studies
-    assert "1. **LoRATRF ≥ LoRA with fewer parameters**: not yet run" in text and "In all: 4 runs done of" in text
+    assert "1. **LoRATRF ≥ LoRA with fewer parameters**: not yet measured" in text and "In all: 4 runs done of" in text
 
 
 @needs_demo_packages

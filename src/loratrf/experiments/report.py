@@ -196,7 +196,7 @@ def claim_lines(runs: Runs, base_ranks: Sequence[int], modules: Sequence[str]) -
     lines = ["## The paper's claims, answered", ""]
     pair = runs.compare(PAPER_LORATRF, PAPER_LORA, "movies", "movies")
     if pair is None:
-        lines.append("1. **LoRATRF ≥ LoRA with fewer parameters**: not yet run (`grid --study headline`).")
+        lines.append("1. **LoRATRF ≥ LoRA with fewer parameters**: not yet measured (`grid --study headline`).")
     else:
         ours, theirs = _trainable(runs, PAPER_LORATRF, "movies"), _trainable(runs, PAPER_LORA, "movies")
         answer = {
@@ -211,7 +211,7 @@ def claim_lines(runs: Runs, base_ranks: Sequence[int], modules: Sequence[str]) -
     gaps = {r: runs.compare(f"loratrf:v,f1,f2:r{r}", f"lora:all:r{r}", "movies", "movies") for r in base_ranks}
     gaps = {r: g for r, g in gaps.items() if g is not None}
     if not gaps:
-        lines.append("2. **The advantage grows at r ≤ 8**: not yet run (`grid --study rank`).")
+        lines.append("2. **The advantage grows at r ≤ 8**: not yet measured (`grid --study rank`).")
     else:
         parts = [f"r={r} {interval_text(g.interval)}" for r, g in sorted(gaps.items())]
         text = f"2. **The advantage grows at r ≤ 8**: LoRATRF minus LoRA, points: {'; '.join(parts)}."
@@ -236,7 +236,7 @@ def claim_lines(runs: Runs, base_ranks: Sequence[int], modules: Sequence[str]) -
     module_pairs = [runs.compare(o_f1_f2, m, "movies", "movies") for m in modules if m != o_f1_f2]
     module_pairs = [p for p in module_pairs if p is not None]
     if not module_pairs:
-        lines.append("3. **W_o, W_f1, W_f2 best**: not yet run (`grid --study module`).")
+        lines.append("3. **W_o, W_f1, W_f2 best**: not yet measured (`grid --study module`).")
     else:
         wins = sum(p.interval.resolved and p.interval.mean > 0 for p in module_pairs)
         parts = [f"minus {','.join(Method.parse(p.second).matrices)} {interval_text(p.interval)}" for p in module_pairs]
@@ -247,7 +247,7 @@ def claim_lines(runs: Runs, base_ranks: Sequence[int], modules: Sequence[str]) -
         )
     check = runs.compare(f"{PAPER_LORA}:peft", PAPER_LORA, "movies", "movies")
     if check is None:
-        lines.append("- **PEFT's LoRA vs loratrf's**: not yet run (`grid --study peft`).")
+        lines.append("- **PEFT's LoRA vs loratrf's**: not yet measured (`grid --study peft`).")
     else:
         agree = "agree within the interval" if not check.interval.resolved else "differ (the interval excludes 0)"
         lines.append(
