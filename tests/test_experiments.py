@@ -908,6 +908,7 @@ def test_smoke_demo_trains_evaluates_and_writes_results(tmp_path, capsys):
     assert (tmp_path / "gates-loratrf-v-f1-f2-r8.png").stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "| LoRATRF r=8 (v,f1,f2 + filters) |" in printed
+    assert "gates of LoRATRF r=8 (v,f1,f2 + filters), seed 0" in printed and "| layer 5 |" in printed
     assert "gates: LoRATRF r=8 (v,f1,f2 + filters)" in (tmp_path / "results.md").read_text()
     # a second call finds every run done and trains nothing
     assert cli.main(["demo", "--smoke", "--out", str(tmp_path)]) == 0

@@ -177,11 +177,11 @@ def gate_lines(
     return lines
 
 
-def console_gates(results: Mapping, study: str) -> str:
-    """The terminal's gate report of a study: each filter method's gates per layer after training."""
+def console_gates(runs: Sequence[Mapping], methods: Sequence[str]) -> str:
+    """The terminal's gate report: each filter method's gates per layer, at the start and after training."""
     out = []
-    for method in results["studies"][study]["methods"]:
-        run = first_gate_run(results["runs"], method)
+    for method in methods:
+        run = first_gate_run(runs, method)
         if run is not None:
             out += [f"gates of {run['title']}, seed {run['seed']}, {summary_line(run['gates'])}"]
             out += gate_table(run["gates"])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from loratrf.experiments.data import TASKS
 from loratrf.experiments.gate_picture import draw_study
-from loratrf.experiments.gate_stats import gate_lines
+from loratrf.experiments.gate_stats import console_gates, gate_lines
 from loratrf.experiments.methods import Method
 from loratrf.experiments.packages import require
 from loratrf.experiments.results import LEVEL, SWEEP_SEED, Interval, Paired, Runs, contrast, mean_std, sweep_task
@@ -352,6 +352,11 @@ def setup_lines(config: TrainingConfig, runs: Runs, seeds: Sequence[int]) -> lis
     return lines
 
 
+def at_rate(study: Study, runs: Runs) -> list[Mapping]:
+    """Every run of the study's methods and tasks at their rates."""
+    return [r for t in study.tasks for m in study.methods for r in runs.at_rate(Method.parse(m), t).values()]
+
+
 def study_section(
     name: str, study: Study, runs: Runs, seeds: Sequence[int], page: Path, figures: Path, prefix: str
 ) -> list[str]:
@@ -367,7 +372,7 @@ def study_section(
     picture = plot(study, runs, figures / f"{prefix}{name}.png")
     if picture:
         lines += [f"![{name}]({Path(os.path.relpath(picture, page.parent)).as_posix()})", ""]
-    records = [r for t in study.tasks for m in study.methods for r in runs.at_rate(Method.parse(m), t).values()]
+    records = at_rate(study, runs)
     pictures = draw_study(records, list(study.methods), figures, prefix)
     lines += gate_lines(records, study.methods, pictures, page.parent)
     return lines
@@ -444,5 +449,6 @@ def write_page(
 
 
 def console_table(study: Study, runs: Runs) -> str:
-    """A study's method and comparison tables, for the terminal."""
-    return "\n".join(method_table(study, runs) + comparison_table(comparisons(study, runs)))
+    """A study's method and comparison tables and its filters' gates, for the terminal."""
+    tables = method_table(study, runs) + comparison_table(comparisons(study, runs))
+    return "\n".join(tables + [console_gates(at_rate(study, runs), study.methods)])
