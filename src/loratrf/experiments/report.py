@@ -397,10 +397,10 @@ HOW_TO_RUN = [
     "## How to run",
     "",
     "    make demo                                            # the demo: 3 methods, untuned rates",
-    "    .venv/bin/python -m loratrf.experiments list         # tasks, studies, method specs",
-    "    OMP_WAIT_POLICY=PASSIVE .venv/bin/python -m loratrf.experiments grid --threads 1   # every study",
-    "    .venv/bin/python -m loratrf.experiments grid --study headline rank --threads 1    # some studies",
-    "    .venv/bin/python -m loratrf.experiments report       # rewrites this page from docs/results/runs",
+    "    make study                                           # every study (grid --threads 1), resumed",
+    '    make study ARGS="--study headline rank"              # some studies',
+    "    make report                                          # rewrites this page from docs/results/runs",
+    "    .venv/bin/python -m loratrf.experiments list         # tasks, studies, method specs, sweeps",
     "",
     (
         "`grid` writes one file per run into `docs/results/runs/` (`--out` for another folder) and skips "
