@@ -805,11 +805,11 @@ def test_the_report_answers_the_claims_with_intervals_and_says_what_is_not_yet_r
     assert "my notes" in text and "old tables" not in text
     # headline: right on 8 + seed % 2 of 10 vs 5: differences 0.3, 0.4, 0.3; s = 0.057735, t(0.975, 2) = 4.302653
     half = 100 * 4.302653 * 0.057735 / math.sqrt(3)
-    assert f"on movies: +33.3 [{33.333 - half:+.1f}, {33.333 + half:+.1f}] points over 3 seed(s)" in text
+    assert f"on movies over 3 seeds: +33.3 [{33.333 - half:+.1f}, {33.333 + half:+.1f}] points;" in text
     assert "1. **LoRATRF ≥ LoRA with fewer parameters**: holds here." in text
     assert "McNemar p = 0.002" in text  # b = 3 + 4 + 3 = 10, c = 0: p = 2 / 2**10
     # rank: the gap is 1 sentence larger at r=4 than at r=16 for every seed: +10.0, no spread
-    assert "r=4 +10.0 [+10.0, +10.0]. Grows, resolved, at r = 4." in text
+    assert "r=4 +10.0 [+10.0, +10.0] points. Grows, resolved, at r = 4." in text
     assert "3. **W_o, W_f1, W_f2 best**: not yet measured" in text
     assert "**PEFT's LoRA vs loratrf's** (r=8, all six, the same rate): agree within the interval" in text
     # planned, 3 seeds: 24 distinct swept methods on movies x (3 rates + 2 seeds), PEFT's 3 seeds; domains:

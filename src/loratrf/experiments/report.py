@@ -34,11 +34,15 @@ def percent(values: Sequence[float]) -> str:
 
 
 def interval_text(interval: Interval) -> str:
-    """`+1.2 [-0.3, +2.7]` in points, or `+1.2 (1 seed, no interval)`."""
+    """`+1.2 [-0.3, +2.7] points`, or `+1.2 points (one seed, no interval)`."""
     bounds = interval.bounds
     if bounds is None:
-        return f"{100 * interval.mean:+.1f} (1 seed, no interval)"
-    return f"{100 * interval.mean:+.1f} [{100 * bounds[0]:+.1f}, {100 * bounds[1]:+.1f}]"
+        return f"{100 * interval.mean:+.1f} points (one seed, no interval)"
+    return f"{100 * interval.mean:+.1f} [{100 * bounds[0]:+.1f}, {100 * bounds[1]:+.1f}] points"
+
+
+def seeds_text(pair: Paired) -> str:
+    return f"{len(pair.seeds)} seed" + "s" * (len(pair.seeds) != 1)
 
 
 def verdict(interval: Interval) -> str:
@@ -123,7 +127,7 @@ def comparison_table(pairs: Sequence[Paired]) -> list[str]:
     if not pairs:
         return []
     lines = [
-        f"| first minus second | on | seeds | difference, points [{100 * LEVEL:.0f}% CI] | "
+        f"| first minus second | on | seeds | difference [{100 * LEVEL:.0f}% CI] | "
         "McNemar b / c, p (pooled) | verdict |",
         "|---|---|---|---|---|---|",
     ]
@@ -205,8 +209,8 @@ def claim_lines(runs: Runs, base_ranks: Sequence[int], modules: Sequence[str]) -
         }.get(verdict(pair.interval), "not resolved: no difference shown either way")
         lines.append(
             f"1. **LoRATRF ≥ LoRA with fewer parameters**: {answer}. LoRATRF (r=8 on v,f1,f2 + filters, "
-            f"{ours:,} trainable) minus LoRA (r=8 on all six, {theirs:,} trainable) on movies: "
-            f"{interval_text(pair.interval)} points over {len(pair.seeds)} seed(s); McNemar p = {pair.p_value:.2g}."
+            f"{ours:,} trainable) minus LoRA (r=8 on all six, {theirs:,} trainable) on movies over "
+            f"{seeds_text(pair)}: {interval_text(pair.interval)}; McNemar p = {pair.p_value:.2g}."
         )
     gaps = {r: runs.compare(f"loratrf:v,f1,f2:r{r}", f"lora:all:r{r}", "movies", "movies") for r in base_ranks}
     gaps = {r: g for r, g in gaps.items() if g is not None}
@@ -214,7 +218,7 @@ def claim_lines(runs: Runs, base_ranks: Sequence[int], modules: Sequence[str]) -
         lines.append("2. **The advantage grows at r ≤ 8**: not yet measured (`grid --study rank`).")
     else:
         parts = [f"r={r} {interval_text(g.interval)}" for r, g in sorted(gaps.items())]
-        text = f"2. **The advantage grows at r ≤ 8**: LoRATRF minus LoRA, points: {'; '.join(parts)}."
+        text = f"2. **The advantage grows at r ≤ 8**: LoRATRF minus LoRA: {'; '.join(parts)}."
         top = max(base_ranks)
         if top in gaps:
             growth = {r: contrast(g, gaps[top]) for r, g in gaps.items() if r <= 8}
@@ -241,7 +245,7 @@ def claim_lines(runs: Runs, base_ranks: Sequence[int], modules: Sequence[str]) -
         wins = sum(p.interval.resolved and p.interval.mean > 0 for p in module_pairs)
         parts = [f"minus {','.join(Method.parse(p.second).matrices)} {interval_text(p.interval)}" for p in module_pairs]
         lines.append(
-            f"3. **W_o, W_f1, W_f2 best** (at a held LoRA budget): o,f1,f2 {'; '.join(parts)} points; "
+            f"3. **W_o, W_f1, W_f2 best** (at a held LoRA budget): o,f1,f2 {'; '.join(parts)}; "
             f"ahead, resolved, of {wins} of the {len(module_pairs)} choices measured"
             + (" (the claim holds here)." if wins == len(modules) - 1 == len(module_pairs) else ".")
         )
@@ -252,7 +256,7 @@ def claim_lines(runs: Runs, base_ranks: Sequence[int], modules: Sequence[str]) -
         agree = "agree within the interval" if not check.interval.resolved else "differ (the interval excludes 0)"
         lines.append(
             f"- **PEFT's LoRA vs loratrf's** (r=8, all six, the same rate): {agree}: "
-            f"{interval_text(check.interval)} points over {len(check.seeds)} seed(s)."
+            f"{interval_text(check.interval)} over {seeds_text(check)}."
         )
     return lines + [""]
 
