@@ -265,7 +265,8 @@ def claim_lines(runs: Runs, base_ranks: Sequence[int], modules: Sequence[str]) -
 
 
 def plot(study: Study, runs: Runs, path: Path) -> Path | None:
-    """Test accuracy (mean ± std over seeds): over rank for `plot="rank"`, else grouped bars."""
+    """Left, test accuracy (mean ± std over seeds): over rank for `plot="rank"`, else grouped
+    bars. Right, when the study's pairs have runs, each paired difference with its 95% CI."""
     matplotlib = require("matplotlib", "matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -277,7 +278,9 @@ def plot(study: Study, runs: Runs, path: Path) -> Path | None:
         mean, std = mean_std([r["test"][source] for r in done.values()])
         return 100 * mean, 100 * (std or 0.0)
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
+    pairs = comparisons(study, runs)
+    fig, axes = plt.subplots(1, 2 if pairs else 1, figsize=(13 if pairs else 7.5, 4.6), dpi=100, squeeze=False)
+    ax = axes[0][0]
     groups = sources(study)
     if study.plot == "rank":
         task, source = groups[0]
@@ -317,11 +320,31 @@ def plot(study: Study, runs: Runs, path: Path) -> Path | None:
     ax.set_title(study.question.split(":")[0].split("(")[0].strip(), fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
+    if pairs:
+        _differences(axes[0][1], pairs)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _differences(ax, pairs: Sequence[Paired]) -> None:
+    """A forest plot: a row per pair, its mean difference in points and its 95% interval."""
+    for y, pair in enumerate(pairs):
+        bounds = pair.interval.bounds
+        mean = 100 * pair.interval.mean
+        error = None if bounds is None else [[mean - 100 * bounds[0]], [100 * bounds[1] - mean]]
+        colour = "tab:green" if pair.interval.resolved else "tab:grey"
+        ax.errorbar([mean], [y], xerr=error, fmt="o", capsize=3, color=colour)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(pairs)))
+    labels = [f"{Method.parse(p.first).title} − {Method.parse(p.second).title}" for p in pairs]
+    ax.set_yticklabels([f"{label}\n{where(p.task, p.source)}, {seeds_text(p)}" for label, p in zip(labels, pairs)])
+    ax.tick_params(axis="y", labelsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"first minus second, points ({100 * LEVEL:.0f}% CI over seeds; green: resolved)")
+    ax.grid(axis="x", alpha=0.3)
 
 
 # --- the page ----------------------------------------------------------------------------------------
