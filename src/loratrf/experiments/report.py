@@ -195,7 +195,7 @@ def _trainable(runs: Runs, spec: str, task: str) -> int | None:
     return next(iter(done.values()))["params"]["trainable"] if done else None
 
 
-def claim_lines(runs: Runs, base_ranks: Sequence[int], modules: Sequence[str]) -> list[str]:
+def claim_lines(runs: Runs, ranks: Sequence[int], modules: Sequence[str]) -> list[str]:
     """The paper's three claims and the PEFT cross-check, each answered from whatever runs exist."""
     lines = ["## The paper's claims, answered", ""]
     pair = runs.compare(PAPER_LORATRF, PAPER_LORA, "movies", "movies")
@@ -212,14 +212,14 @@ def claim_lines(runs: Runs, base_ranks: Sequence[int], modules: Sequence[str]) -
             f"{ours:,} trainable) minus LoRA (r=8 on all six, {theirs:,} trainable) on movies over "
             f"{seeds_text(pair)}: {interval_text(pair.interval)}; McNemar p = {pair.p_value:.2g}."
         )
-    gaps = {r: runs.compare(f"loratrf:v,f1,f2:r{r}", f"lora:all:r{r}", "movies", "movies") for r in base_ranks}
+    gaps = {r: runs.compare(f"loratrf:v,f1,f2:r{r}", f"lora:all:r{r}", "movies", "movies") for r in ranks}
     gaps = {r: g for r, g in gaps.items() if g is not None}
     if not gaps:
         lines.append("2. **The advantage grows at r ≤ 8**: not yet measured (`grid --study rank`).")
     else:
         parts = [f"r={r} {interval_text(g.interval)}" for r, g in sorted(gaps.items())]
         text = f"2. **The advantage grows at r ≤ 8**: LoRATRF minus LoRA: {'; '.join(parts)}."
-        top = max(base_ranks)
+        top = max(ranks)
         if top in gaps:
             growth = {r: contrast(g, gaps[top]) for r, g in gaps.items() if r <= 8}
             grown = [r for r, c in growth.items() if c.resolved and c.mean > 0]
@@ -237,7 +237,7 @@ def claim_lines(runs: Runs, base_ranks: Sequence[int], modules: Sequence[str]) -
             text += f" r={top} not yet run, so the growth is not measured."
         lines.append(text)
     o_f1_f2 = next((m for m in modules if Method.parse(m).matrices == ("o", "f1", "f2")), None)
-    module_pairs = [runs.compare(o_f1_f2, m, "movies", "movies") for m in modules if m != o_f1_f2]
+    module_pairs = [runs.compare(o_f1_f2, m, "movies", "movies") for m in modules if o_f1_f2 not in (None, m)]
     module_pairs = [p for p in module_pairs if p is not None]
     if not module_pairs:
         lines.append("3. **W_o, W_f1, W_f2 best**: not yet measured (`grid --study module`).")
@@ -253,7 +253,10 @@ def claim_lines(runs: Runs, base_ranks: Sequence[int], modules: Sequence[str]) -
     if check is None:
         lines.append("- **PEFT's LoRA vs loratrf's**: not yet measured (`grid --study peft`).")
     else:
-        agree = "agree within the interval" if not check.interval.resolved else "differ (the interval excludes 0)"
+        agree = {
+            "unresolved (one seed)": "one seed so far",
+            "unresolved (interval spans 0)": "agree within the interval",
+        }.get(verdict(check.interval), "differ (the interval excludes 0)")
         lines.append(
             f"- **PEFT's LoRA vs loratrf's** (r=8, all six, the same rate): {agree}: "
             f"{interval_text(check.interval)} over {seeds_text(check)}."
