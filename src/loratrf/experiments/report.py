@@ -45,12 +45,19 @@ def seeds_text(pair: Paired) -> str:
     return f"{len(pair.seeds)} seed" + "s" * (len(pair.seeds) != 1)
 
 
-def verdict(interval: Interval) -> str:
+def outcome(interval: Interval) -> int | None:
+    """None without an interval (one seed), 0 when it spans zero, else the resolved sign."""
     if interval.bounds is None:
-        return "unresolved (one seed)"
-    if not interval.resolved:
-        return "unresolved (interval spans 0)"
-    return "resolved: higher" if interval.mean > 0 else "resolved: lower"
+        return None
+    return 0 if not interval.resolved else (1 if interval.mean > 0 else -1)
+
+
+VERDICTS = {
+    None: "unresolved (one seed)",
+    0: "unresolved (interval spans 0)",
+    1: "resolved: higher",
+    -1: "resolved: lower",
+}
 
 
 def sources(study: Study) -> list[tuple[str, str]]:
@@ -136,7 +143,7 @@ def comparison_table(pairs: Sequence[Paired]) -> list[str]:
         b, c = p.discordant
         lines.append(
             f"| {names} | {where(p.task, p.source)} | {len(p.seeds)} | {interval_text(p.interval)} | "
-            f"{b:,} / {c:,}, p = {p.p_value:.2g} | {verdict(p.interval)} |"
+            f"{b:,} / {c:,}, p = {p.p_value:.2g} | {VERDICTS[outcome(p.interval)]} |"
         )
     return lines + [""]
 
@@ -203,10 +210,9 @@ def claim_lines(runs: Runs, ranks: Sequence[int], modules: Sequence[str]) -> lis
         lines.append("1. **LoRATRF ≥ LoRA with fewer parameters**: not yet measured (`grid --study headline`).")
     else:
         ours, theirs = _trainable(runs, PAPER_LORATRF, "movies"), _trainable(runs, PAPER_LORA, "movies")
-        answer = {
-            "resolved: higher": "holds here",
-            "resolved: lower": "does not hold here: LoRATRF is less accurate",
-        }.get(verdict(pair.interval), "not resolved: no difference shown either way")
+        answer = {1: "holds here", -1: "does not hold here: LoRATRF is less accurate"}.get(
+            outcome(pair.interval), "not resolved: no difference shown either way"
+        )
         lines.append(
             f"1. **LoRATRF ≥ LoRA with fewer parameters**: {answer}. LoRATRF (r=8 on v,f1,f2 + filters, "
             f"{ours:,} trainable) minus LoRA (r=8 on all six, {theirs:,} trainable) on movies over "
@@ -253,10 +259,9 @@ def claim_lines(runs: Runs, ranks: Sequence[int], modules: Sequence[str]) -> lis
     if check is None:
         lines.append("- **PEFT's LoRA vs loratrf's**: not yet measured (`grid --study peft`).")
     else:
-        agree = {
-            "unresolved (one seed)": "one seed so far",
-            "unresolved (interval spans 0)": "agree within the interval",
-        }.get(verdict(check.interval), "differ (the interval excludes 0)")
+        agree = {None: "one seed so far", 0: "agree within the interval"}.get(
+            outcome(check.interval), "differ (the interval excludes 0)"
+        )
         lines.append(
             f"- **PEFT's LoRA vs loratrf's** (r=8, all six, the same rate): {agree}: "
             f"{interval_text(check.interval)} over {seeds_text(check)}."
