@@ -812,6 +812,8 @@ def test_the_report_answers_the_claims_with_intervals_and_says_what_is_not_yet_r
     assert "r=4 +10.0 [+10.0, +10.0] points. Grows, resolved, at r = 4." in text
     assert "3. **W_o, W_f1, W_f2 best**: not yet measured" in text
     assert "**PEFT's LoRA vs loratrf's** (r=8, all six, the same rate): agree within the interval" in text
+    assert "| 10 / 0, p = 0.002 | resolved: higher |" in text.split("### headline")[1]  # the comparison table
+    assert "| 0 / 0, p = 1 | unresolved (interval spans 0) |" in text.split("### peft")[1]
     # planned, 3 seeds: 24 distinct swept methods on movies x (3 rates + 2 seeds), PEFT's 3 seeds; domains:
     # 3 methods x (3 seeds on transfer, tuned on movies' sweep, + 5 on each of 3 domains); TREC 3 x 5
     assert "In all: 33 runs done of 192 planned" in text and 24 * 5 + 3 + 3 * (3 + 3 * 5) + 3 * 5 == 192
