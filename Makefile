@@ -15,7 +15,7 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(CON
 # training 3x slower (measured); on a quiet one it costs little.
 RUN := OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 $(BIN)/python
 
-.PHONY: test demo story bench clean
+.PHONY: test demo study report story bench clean
 
 $(VENV)/.torch:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,8 +41,17 @@ test: $(VENV)/.test
 demo: $(VENV)/.test
 	$(RUN) -m loratrf.experiments demo $(ARGS)
 
+# Every study of docs/results.md, one file per run in docs/results/runs/: about 25 CPU-hours in
+# all; rerun to resume (finished runs are skipped). Pass options with ARGS="--study headline rank".
+study: $(VENV)/.test
+	$(RUN) -m loratrf.experiments grid --threads 1 $(ARGS)
+
+# docs/results.md from the run files in docs/results/runs/
+report: $(VENV)/.test
+	$(RUN) -m loratrf.experiments report
+
 story: $(VENV)/.test
-	$(BIN)/python -m loratrf.experiments.story
+	$(BIN)/python examples/story.py
 
 # writes docs/benchmarks.md and docs/benchmarks.png (a few minutes on 2 cores), with glibc's
 # default malloc and OpenMP settings, as a user's process runs; pass options with ARGS="--rounds 21"

@@ -1,19 +1,28 @@
-"""The experiments package: data parsing, splits, method specs, budgets, grid, aggregation, the demo path."""
+"""The experiments package: data, splits, method specs, budgets, studies, run files, statistics, the runner
+(resume, claims, a killed runner), the report, and smoke-sized runs of the real model."""
 
+import base64
 import importlib.util
 import json
 import math
 import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from loratrf.experiments import cli, data, packages, report
-from loratrf.experiments.grid import STUDY_NAMES, Study, aggregate, expand, mean_std, run_grid, studies
-from loratrf.experiments.methods import MATRICES, Method, lora_cost, rank_for_budget
+from loratrf.experiments import cli, data, packages, report, results
+from loratrf.experiments.methods import MATRICES, Method, lora_cost, prepare, rank_for_budget
+from loratrf.experiments.runner import claim, run_studies
+from loratrf.experiments.studies import RANKS, STUDY_NAMES, Study, studies
 from loratrf.experiments.progress import Progress
 from loratrf.experiments.training import TrainingConfig, pad, schedule_factor
 
@@ -114,20 +123,25 @@ def test_the_shipped_files_hold_the_documented_sentences():
 
 
 @given(st.lists(st.text(min_size=1, max_size=8), min_size=12, max_size=60, unique=True), st.integers(0, 3))
-def test_splits_are_disjoint_fixed_and_nested(texts, seed):
+def test_splits_are_disjoint_fixed_and_test_on_everything_else(texts, seed):
     labelled = data.LabelledTexts(tuple(texts), tuple(i % 2 for i in range(len(texts))), ("a", "b"))
-    full = data.split(labelled, dev_size=3, test_size=4, seed=seed)
+    full = data.split(labelled, dev_size=3, train_size=4, seed=seed)
     parts = [set(full.train.texts), set(full.dev.texts), set(full.test.texts)]
-    assert len(full.test) == 4 and len(full.dev) == 3 and len(full.train) == len(texts) - 7
+    assert len(full.dev) == 3 and len(full.train) == 4 and len(full.test) == len(texts) - 7
     assert set().union(*parts) == set(texts) and sum(map(len, parts)) == len(texts)
-    small = data.split(labelled, dev_size=3, test_size=4, train_size=2, seed=seed)
-    assert small.test == full.test and small.dev == full.dev and small.train.texts == full.train.texts[:2]
+    more = data.split(labelled, dev_size=3, train_size=6, seed=seed)  # dev fixed, training nested
+    assert more.dev == full.dev and more.train.texts[:4] == full.train.texts and len(more.test) == len(texts) - 9
+    assert set(more.test.texts) == set(full.test.texts) - set(more.train.texts)
+    capped = data.split(labelled, dev_size=3, train_size=4, test_size=2, seed=seed)
+    assert capped.test.texts == full.test.texts[:2] and capped.train == full.train
     shuffled = labelled.subset(reversed(range(len(texts))))  # the file's order does not matter
-    assert data.split(shuffled, dev_size=3, test_size=4, seed=seed).test.texts == full.test.texts
+    assert data.split(shuffled, dev_size=3, train_size=4, seed=seed).test.texts == full.test.texts
     for part in (full.train, full.dev, full.test):  # labels travel with their texts
         assert all(labelled.labels[texts.index(t)] == lab for t, lab in zip(part.texts, part.labels))
-    with pytest.raises(ValueError, match="train_size"):
-        data.split(labelled, dev_size=3, test_size=4, train_size=len(texts))
+    with pytest.raises(ValueError, match="must leave test sentences"):
+        data.split(labelled, dev_size=3, train_size=len(texts) - 3)
+    with pytest.raises(ValueError, match="test_size"):
+        data.split(labelled, dev_size=3, train_size=4, test_size=len(texts))
 
 
 @needs_demo_packages
@@ -234,98 +248,6 @@ def test_lora_budgets_follow_the_in_plus_out_formula():
         assert rank_for_budget(model, choice, budget) == rank == round(budget / (layers * sum(cost[m] for m in choice)))
 
 
-# --- grid and aggregation --------------------------------------------------------------------------
-
-
-def test_grid_expands_every_method_task_and_seed_once():
-    a = Study("a", ("full", "lora:v:r8"), ("movies", "trec"))
-    b = Study("b", ("lora:v:r8", "loratrf:v:r4"), ("movies",))  # shares lora:v:r8 on movies with a
-    runs = expand([a, b], seeds=[0, 1])
-    keys = [r.key for r in runs]
-    assert len(keys) == len(set(keys)) == 2 * (2 * 2 + 1)
-    assert keys[:5] == [
-        "full|movies|0",
-        "lora:v:r8|movies|0",
-        "full|trec|0",
-        "lora:v:r8|trec|0",
-        "loratrf:v:r4|movies|0",
-    ]
-    assert {r.seed for r in runs[5:]} == {1}
-    with pytest.raises(ValueError, match="unknown task"):
-        expand([Study("c", ("full",), ("imdb",))], [0])
-
-
-def test_the_papers_studies_hold_their_comparisons():
-    found = studies(minilm_shaped_model(), ranks=(4, 32))
-    assert tuple(found) == STUDY_NAMES
-    assert found["rank"].methods == ("lora:all:r4", "loratrf:v,f1,f2:r4", "lora:all:r32", "loratrf:v,f1,f2:r32")
-    assert found["module"].methods == (
-        "loratrf:q,v:r24:fr8",
-        "loratrf:q,k,v,o:r12:fr8",
-        "loratrf:f1,f2:r10:fr8",
-        "loratrf:o,f1,f2:r8",
-        "loratrf:v,f1,f2:r8",
-        "loratrf:all:r5:fr8",
-    )
-    assert {
-        "lora:v,f1,f2:r8",
-        "loratrf:v,f1,f2:r8",
-        "loratrf:v,f1,f2:r8:dot",
-        "loratrf:v,f1,f2:r8:cal",
-        "filters:r8",
-    } <= set(found["ablation"].methods)
-    assert found["demo"].methods == ("full", "lora:all:r8", "loratrf:v,f1,f2:r8")
-
-
-@given(st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=12))
-def test_mean_and_std_follow_the_formula(values):
-    mean, std = mean_std(values)
-    n = len(values)
-    expected_mean = sum(values) / n
-    assert math.isclose(mean, expected_mean, rel_tol=1e-9, abs_tol=1e-9)
-    if n == 1:
-        assert std is None
-    else:
-        expected_std = (sum((v - expected_mean) ** 2 for v in values) / (n - 1)) ** 0.5
-        assert math.isclose(std, expected_std, rel_tol=1e-7, abs_tol=1e-7)
-
-
-def test_aggregation_groups_seeds_of_one_method_and_task():
-    def run(method, task, seed, dev, test, correct):
-        return {
-            "method": method,
-            "task": task,
-            "seed": seed,
-            "params": {"lora": 1},
-            "dev": dev,
-            "test": {"movies": test},
-            "test_correct": {"movies": correct},
-            "majority": {"movies": 0.5},
-            "train_seconds": 10.0 + seed,
-        }
-
-    runs = [
-        run("a", "movies", 0, 0.8, 0.70, "1100"),
-        run("a", "movies", 1, 0.9, 0.80, "1110"),
-        run("b", "movies", 0, 0.5, 0.50, "0101"),
-    ]
-    table = aggregate(runs)
-    assert set(table) == {("a", "movies"), ("b", "movies")}
-    a = table["a", "movies"]
-    assert a["n"] == 2 and a["seeds"] == [0, 1]
-    assert a["dev"][0] == pytest.approx(0.85) and a["dev"][1] == pytest.approx(math.sqrt(0.005))
-    assert a["test"]["movies"][0] == pytest.approx(0.75) and a["train_seconds"][0] == pytest.approx(10.5)
-    assert a["correct"]["movies"] == [1.0, 1.0, 0.5, 0.0]
-    assert table["b", "movies"]["test"]["movies"] == (0.5, None)
-
-
-def test_paired_noise_band_is_two_standard_errors_of_the_per_sentence_difference():
-    a = {"test": {"s": (0.75, None)}, "correct": {"s": [1, 1, 1, 0]}, "n": 1}
-    b = {"test": {"s": (0.50, None)}, "correct": {"s": [1, 0, 1, 0]}, "n": 1}
-    # d = [0, 1, 0, 0]: mean 1/4, sample variance (3 * 1/16 + 9/16) / 3 = 1/4, SE = sqrt(1/4 / 4) = 1/4
-    assert report.gap_text(a, b, "s") == "+25.0 points (within noise: noise band ±50.0)"
-
-
 # --- training pieces --------------------------------------------------------------------------------
 
 
@@ -350,51 +272,6 @@ def test_progress_prints_a_line_a_quarter_off_a_terminal(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("] ")[1].split()[0] for line in lines] == ["2/8", "4/8", "6/8", "8/8"]
     assert all("loss 0.5000" in line and "sent/s" in line for line in lines)
-
-
-# --- the demo, end to end ----------------------------------------------------------------------------
-
-
-@needs_demo_packages
-def test_smoke_demo_trains_evaluates_and_writes_results(tmp_path, capsys):
-    assert cli.main(["demo", "--smoke", "--threads", "1", "--out", str(tmp_path)]) == 0
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert [r["method"] for r in results["runs"]] == ["full", "lora:all:r8", "loratrf:v,f1,f2:r8"]
-    by = {r["method"]: r for r in results["runs"]}
-    d, ffn, layers = 384, 1536, 6
-    assert by["lora:all:r8"]["params"]["lora"] == 8 * layers * (4 * 2 * d + 2 * (d + ffn))
-    assert by["loratrf:v,f1,f2:r8"]["params"]["filter"] == layers * (d + 2 * d * 8)
-    assert by["full"]["params"]["other"] == by["full"]["params"]["base_total"]
-    head = d * d + d + 2 * d + 2  # pooler and classifier: trainable in every adapter method
-    assert by["lora:all:r8"]["params"]["other"] == head
-    for run in results["runs"]:
-        assert 0.0 <= run["test"]["movies"] <= 1.0 and len(run["test_correct"]["movies"]) == cli.SMOKE.test_size
-        assert run["train_sentences"] == cli.SMOKE.train_size and len(run["train_loss"]) == 1
-    assert (tmp_path / "results.md").exists() and (tmp_path / "plot-demo.png").stat().st_size > 1000
-    gates = by["loratrf:v,f1,f2:r8"]["gates"]  # the filter run's gates, at the start and after training
-    assert gates["sentences"] == cli.SMOKE.test_size and len(gates["trained"]["stats"]) == layers
-    assert all(0.0 <= s["mean"] <= 1.0 and s["tokens"] > 0 for s in gates["start"]["stats"].values())
-    assert "gates" not in by["lora:all:r8"] or by["lora:all:r8"]["gates"] is None
-    assert (tmp_path / "gates-loratrf-v-f1-f2-r8.png").stat().st_size > 1000
-    printed = capsys.readouterr().out
-    assert "| LoRATRF r=8 (v,f1,f2 + filters) |" in printed and str(tmp_path / "results.json") in printed
-    assert "gates of LoRATRF r=8 (v,f1,f2 + filters), seed 0" in printed and "| layer 5 |" in printed
-    # a second call finds every run done and trains nothing
-    assert cli.main(["demo", "--smoke", "--out", str(tmp_path)]) == 0
-    assert "3 already in" in capsys.readouterr().out
-    # the docs page regenerates from the JSON and keeps its hand-written notes
-    page = tmp_path / "docs" / "results.md"
-    page.parent.mkdir()
-    page.write_text(f"old\n{report.NOTES[0]}\nmy notes\n{report.NOTES[1]}\nold tables\n")
-    assert (
-        cli.main(["report", str(tmp_path / "results.json"), "--page", str(page), "--figures", str(tmp_path / "figs")])
-        == 0
-    )
-    text = page.read_text()
-    assert "my notes" in text and "old tables" not in text
-    assert f"## {tmp_path.name}" in text and f"![demo](../figs/{tmp_path.name}-demo.png)" in text
-    picture = f"{tmp_path.name}-gates-loratrf-v-f1-f2-r8.png"
-    assert f"![gates of loratrf:v,f1,f2:r8](../figs/{picture})" in text and (tmp_path / "figs" / picture).exists()
 
 
 def test_the_picture_takes_short_sentences_of_each_class_in_turn():
@@ -428,61 +305,6 @@ def test_the_gate_table_has_a_row_per_layer_and_both_phases():
     )
     assert ranges(gates, "trained") == "mean s 0.100-0.300, open 90-100%, spread 0.100-0.200"
     assert layer_name("bert.encoder.layer.3") == "layer 3" and layer_name("proj") == "proj"
-
-
-class FakeRunner:
-    """Records runs without training; `during_first` runs inside the first one (another process)."""
-
-    def __init__(self, during_first=None):
-        self.config, self.during_first, self.trained = TrainingConfig(epochs=1), during_first, []
-
-    def run(self, spec, label):
-        if self.during_first is not None:
-            self.during_first, other = None, self.during_first
-            other()
-        self.trained.append(spec.key)
-        return {"key": spec.key, "dev": 0.5, "test": {"movies": 0.5}, "train_seconds": 0.0}
-
-
-def test_grid_processes_sharing_a_results_file_keep_each_others_runs(tmp_path):
-    study = {"s": Study("q", ("lora:v:r2", "loratrf:v:r2"), ("movies",))}
-    other = FakeRunner()
-    first = FakeRunner(during_first=lambda: run_grid(other, study, [1], tmp_path, log=lambda _: None))
-    run_grid(first, study, [0], tmp_path, log=lambda _: None)
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert sorted(r["key"] for r in saved["runs"]) == sorted(first.trained + other.trained)
-    assert len(saved["runs"]) == 4 and saved["seeds"] == [0, 1]
-    again = FakeRunner()
-    run_grid(again, study, [0, 1], tmp_path, log=lambda _: None)
-    assert again.trained == []
-    with pytest.raises(ValueError, match="other training settings"):
-        changed = FakeRunner()
-        changed.config = TrainingConfig(epochs=2)
-        run_grid(changed, study, [0], tmp_path, log=lambda _: None)
-
-
-@needs_demo_packages
-def test_a_calibrated_method_starts_every_gate_open_on_its_first_batch(tmp_path):
-    tiny = ["--train-size", "48", "--dev-size", "16", "--test-size", "32", "--batch-size", "16"]
-    argv = ["grid", "--methods", "loratrf:v:r2:cal", *tiny, "--max-length", "32", "--max-steps", "1"]
-    assert cli.main([*argv, "--threads", "1", "--out", str(tmp_path)]) == 0
-    (run,) = json.loads((tmp_path / "results.json").read_text())["runs"]
-    gates = run["open_gates"]
-    assert len(gates) == 6 and all(0.9 <= share <= 1.0 for share in gates.values())
-
-
-def test_grid_command_line_picks_studies_or_a_custom_grid():
-    base = minilm_shaped_model()
-    args = cli.parse_args(["grid", "--methods", "lora:v,q:r8", "full", "--tasks", "trec", "nyt"])
-    assert {n: (s.methods, s.tasks) for n, s in cli.chosen_studies(args, base).items()} == {
-        "custom": (("lora:q,v:r8", "full"), ("trec", "nyt"))
-    }
-    args = cli.parse_args(["grid", "--study", "rank", "ablation", "--ranks", "2"])
-    chosen = cli.chosen_studies(args, base)
-    assert list(chosen) == ["rank", "ablation"] and chosen["rank"].methods == ("lora:all:r2", "loratrf:v,f1,f2:r2")
-    assert list(cli.chosen_studies(cli.parse_args(["grid"]), base)) == [n for n in STUDY_NAMES if n != "demo"]
-    with pytest.raises(ValueError, match="unknown studies"):
-        cli.chosen_studies(cli.parse_args(["grid", "--study", "speed"]), base)
 
 
 def test_prepared_methods_hold_the_counted_parameters():
@@ -645,12 +467,490 @@ def test_adalora_extra_loss_is_pefts_orthogonal_regulariser():
         prepare(tiny_bert(), Method.parse("adalora:v:r4"))
 
 
+# --- studies -----------------------------------------------------------------------------------------
+
+
+def test_the_papers_studies_hold_their_methods_and_comparisons():
+    found = studies(minilm_shaped_model(), ranks=(2, 16))
+    assert tuple(found) == STUDY_NAMES and RANKS == (2, 4, 8, 16)
+    assert found["rank"].methods == ("lora:all:r2", "loratrf:v,f1,f2:r2", "lora:all:r16", "loratrf:v,f1,f2:r16")
+    assert found["rank"].comparisons == (
+        ("loratrf:v,f1,f2:r2", "lora:all:r2"),
+        ("loratrf:v,f1,f2:r16", "lora:all:r16"),
+    )
+    assert found["module"].methods == (
+        "loratrf:q,v:r24:fr8",
+        "loratrf:q,k,v,o:r12:fr8",
+        "loratrf:f1,f2:r10:fr8",
+        "loratrf:o,f1,f2:r8",
+        "loratrf:v,f1,f2:r8",
+        "loratrf:all:r5:fr8",
+    )
+    assert {first for first, _ in found["module"].comparisons} == {"loratrf:o,f1,f2:r8"}
+    assert len(found["module"].comparisons) == 5
+    assert found["headline"].comparisons == (("loratrf:v,f1,f2:r8", "lora:all:r8"),)
+    assert found["peft"].comparisons == (("lora:all:r8:peft", "lora:all:r8"),)
+    assert {"loratrf:v,f1,f2:r8:con", "loratrf:v,f1,f2:r8:con:aff", "filters:r8"} <= set(found["ablation"].methods)
+    assert found["domains"].tasks == ("transfer", "tweets", "amazon", "nyt")
+    for study in found.values():  # every compared method belongs to its study
+        assert {m for pair in study.comparisons for m in pair} <= set(study.methods)
+    with pytest.raises(ValueError, match="outside the study"):
+        Study("q", ("full",), ("movies",), (("full", "head"),))
+    with pytest.raises(ValueError, match="unknown tasks"):
+        Study("q", ("full",), ("imdb",))
+
+
+def test_grid_command_line_picks_studies_or_a_custom_grid():
+    base = minilm_shaped_model()
+    args = cli.parse_args(["grid", "--methods", "lora:v,q:r8", "full", "--tasks", "trec", "nyt"])
+    assert {n: (s.methods, s.tasks) for n, s in cli.chosen_studies(args, base).items()} == {
+        "custom": (("lora:q,v:r8", "full"), ("trec", "nyt"))
+    }
+    assert args.seeds == [0, 1, 2, 3, 4] and args.out == cli.RUNS
+    args = cli.parse_args(["grid", "--study", "rank", "ablation", "--ranks", "2"])
+    chosen = cli.chosen_studies(args, base)
+    assert list(chosen) == ["rank", "ablation"] and chosen["rank"].methods == ("lora:all:r2", "loratrf:v,f1,f2:r2")
+    assert list(cli.chosen_studies(cli.parse_args(["grid"]), base)) == [n for n in STUDY_NAMES if n != "demo"]
+    headline = cli.chosen_studies(cli.parse_args(["grid", "--study", "headline", "--methods", "lora:all:r8"]), base)
+    assert headline["headline"].comparisons == ()  # a replaced method list keeps only the pairs it holds
+    assert cli.parse_args(["demo"]).seeds == [0] and cli.parse_args(["grid", "--test-size", "all"]).test_size is None
+    with pytest.raises(ValueError, match="unknown studies"):
+        cli.chosen_studies(cli.parse_args(["grid", "--study", "speed"]), base)
+
+
+# --- run files --------------------------------------------------------------------------------------
+
+
+def test_correctness_packs_eight_sentences_a_byte_by_hand():
+    flags = [True, False, True, True, False, False, False, False, True]
+    assert results.pack_bits(flags) == base64.b64encode(bytes([0b10110000, 0b10000000])).decode() == "sIA="
+    assert results.unpack_bits("sIA=", 9) == flags
+    with pytest.raises(ValueError, match="cannot hold"):
+        results.unpack_bits("sIA=", 17)
+
+
+@given(st.lists(st.booleans(), max_size=100))
+def test_correctness_round_trips(flags):
+    assert results.unpack_bits(results.pack_bits(flags), len(flags)) == flags
+
+
+def test_a_run_file_is_named_by_its_identity_and_read_back_by_its_settings(tmp_path):
+    config = TrainingConfig(epochs=1)
+    ident = results.identity(Method.parse("lora:v:r4:lr=0.5"), 1e-3, "movies", 2, config)
+    assert ident["method"] == "lora:v:r4" and ident["lr"] == 1e-3  # the rate trained at, not the spec's
+    path = results.run_path(tmp_path, ident)
+    assert path.name.startswith("movies--lora-v-r4--lr0.001--s2--") and path.suffix == ".json"
+    other = results.identity(Method.parse("lora:v:r4"), 1e-3, "movies", 2, TrainingConfig(epochs=2))
+    assert results.run_path(tmp_path, other) != path  # other settings, another file
+    results.write_run(path, {**ident, "dev": 0.5})
+    results.write_run(results.run_path(tmp_path, other), {**other, "dev": 0.6})
+    assert os.listdir(tmp_path) and not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    assert [r["dev"] for r in results.read_runs(tmp_path, config)] == [0.5]
+    assert [r["dev"] for r in results.read_runs(tmp_path, TrainingConfig(epochs=2))] == [0.6]
+
+
+# --- statistics -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "df, table",  # two-sided 95% points of Student's t, from any statistics table
+    [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (5, 2.571), (9, 2.262), (10, 2.228), (30, 2.042)],
+)
+def test_t_quantile_matches_the_table(df, table):
+    assert round(results.t_quantile(0.975, df), 3) == table
+
+
+@given(st.floats(0.51, 0.999))
+def test_t_quantile_matches_the_closed_forms_for_one_and_two_degrees_of_freedom(q):
+    # df=1 is the Cauchy distribution: tan(pi (q - 1/2)); df=2: (2q - 1) / sqrt(2 q (1 - q))
+    assert math.isclose(results.t_quantile(q, 1), math.tan(math.pi * (q - 0.5)), rel_tol=1e-9)
+    assert math.isclose(results.t_quantile(q, 2), (2 * q - 1) / math.sqrt(2 * q * (1 - q)), rel_tol=1e-9)
+
+
+def test_t_quantile_nears_the_normal_quantile_for_many_degrees_of_freedom():
+    assert abs(results.t_quantile(0.975, 100000) - 1.959964) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "b, c, p",
+    [
+        (0, 0, 1.0),
+        (0, 5, 2 / 32),  # 2 P(X <= 0), X ~ Bin(5, 1/2)
+        (9, 1, 2 * (1 + 10) / 1024),  # 2 P(X <= 1), X ~ Bin(10, 1/2)
+        (3, 3, 1.0),  # 2 * 42/64 > 1, capped
+        (2, 6, 2 * (1 + 8 + 28) / 256),
+    ],
+)
+def test_exact_mcnemar_by_hand(b, c, p):
+    assert results.mcnemar(b, c) == pytest.approx(p, rel=1e-12) and results.mcnemar(c, b) == results.mcnemar(b, c)
+
+
+def test_mcnemar_nears_the_normal_approximation_for_many_discordant_pairs():
+    b, c = 2100, 1900  # with the continuity correction z = (|b - c| - 1) / sqrt(b + c); p = erfc(z / sqrt 2)
+    z = (abs(b - c) - 1) / math.sqrt(b + c)
+    assert results.mcnemar(b, c) == pytest.approx(math.erfc(z / math.sqrt(2)), rel=0.01)
+
+
+@given(st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=12))
+def test_mean_and_std_follow_the_formula(values):
+    mean, std = results.mean_std(values)
+    n = len(values)
+    expected_mean = sum(values) / n
+    assert math.isclose(mean, expected_mean, rel_tol=1e-9, abs_tol=1e-9)
+    if n == 1:
+        assert std is None
+    else:
+        expected_std = (sum((v - expected_mean) ** 2 for v in values) / (n - 1)) ** 0.5
+        assert math.isclose(std, expected_std, rel_tol=1e-7, abs_tol=1e-7)
+
+
+def test_the_interval_is_mean_plus_minus_t_times_the_standard_error_by_hand():
+    # mean 0.02; s = sqrt((1 + 1 + 0 + 4 + 4) 1e-4 / 4) = 0.0158114; t(0.975, 4) = 2.776445
+    interval = results.Interval((0.01, 0.03, 0.02, 0.04, 0.00))
+    half = 2.776445 * math.sqrt(10e-4 / 4) / math.sqrt(5)  # 0.019632
+    assert interval.mean == pytest.approx(0.02)
+    assert interval.bounds == pytest.approx((0.02 - half, 0.02 + half), abs=1e-6)
+    assert interval.resolved  # 0.00037 > 0: only just
+    assert not results.Interval((0.01, -0.01)).resolved and not results.Interval((0.5,)).resolved
+    assert results.Interval((0.5,)).bounds is None
+    assert results.Interval((-0.03, -0.02, -0.025)).resolved
+
+
+def fake_record(method, task, seed, bits):
+    return {
+        "method": method,
+        "task": task,
+        "seed": seed,
+        "test_size": {"movies": len(bits)},
+        "test_correct": {"movies": results.pack_bits([b == "1" for b in bits])},
+    }
+
+
+def test_paired_comparison_by_hand():
+    first = {0: fake_record("a", "movies", 0, "1101"), 1: fake_record("a", "movies", 1, "0110")}
+    first[2] = fake_record("a", "movies", 2, "1111")  # seed 2 of the first method alone: left out
+    second = {0: fake_record("b", "movies", 0, "1001"), 1: fake_record("b", "movies", 1, "1110")}
+    pair = results.paired(first, second, "movies")
+    assert pair.seeds == (0, 1) and pair.interval.values == (0.25, -0.25)
+    # only the first right: seed 0 sentence 1; only the second right: seed 1 sentence 0
+    assert pair.discordant == (1, 1) and pair.p_value == 1.0 and not pair.interval.resolved
+    assert results.paired(first, {5: second[0]}, "movies") is None
+    with pytest.raises(ValueError, match="test sentences"):
+        results.paired({0: first[0]}, {0: fake_record("b", "movies", 0, "10")}, "movies")
+    later = results.Paired("a", "b", "movies", "movies", (1, 2), results.Interval((0.1, 0.4)), (0, 0))
+    assert results.contrast(later, pair).values == (0.1 - (-0.25),)  # seed 1, the only common one
+
+
+# --- the runner, on a fake trainer ------------------------------------------------------------------------
+
+BEST = {"lora": 1e-3, "loratrf": 3e-3}  # the fake's dev accuracy peaks at these rates
+
+
+class FakeTrainer:
+    """Trains nothing: its records follow a rule. Dev accuracy peaks at BEST[kind]; on 10 test
+    sentences a method is right on the first k, k = 5 for LoRA and 7 + seed % 2 (+1 at rank <= 8)
+    for LoRATRF. `block_at`: its run of that number (1-based) signals `started` and hangs."""
+
+    def __init__(self, config=TrainingConfig(epochs=1), block_at=None, started=None, during_first=None):
+        self.config, self.block_at, self.started, self.during_first = config, block_at, started, during_first
+        self.trained = []
+
+    def run(self, spec, label):
+        if self.during_first is not None:
+            self.during_first, other = None, self.during_first
+            other()
+        self.trained.append((str(spec.method), spec.lr, spec.task, spec.seed))
+        if len(self.trained) == self.block_at:
+            Path(self.started).write_text(label)
+            time.sleep(600)  # killed here
+        kind, rank = spec.method.kind, spec.method.rank
+        k = 5 if kind == "lora" else 7 + spec.seed % 2 + (rank <= 8)
+        flags = [i < k for i in range(10)]
+        return {
+            "title": spec.method.title,
+            "params": {
+                "lora": 8 * rank,
+                "filter": 0,
+                "other": 1,
+                "base_total": 100,
+                "dora": 0,
+                "trainable": 8 * rank + 1,
+            },
+            "dev": 0.5 + 0.1 * (spec.lr == BEST[kind]),
+            "test": {"movies": k / 10},
+            "test_size": {"movies": 10},
+            "test_correct": {"movies": results.pack_bits(flags)},
+            "majority": {"movies": 0.5},
+            "gates": None,
+            "train_seconds": 10.0,
+            "eval_seconds": 2.0,
+            "threads": 1,
+        }
+
+
+PAIR = {"s": Study("q", ("lora:v:r2", "loratrf:v:r2"), ("movies",), (("loratrf:v:r2", "lora:v:r2"),))}
+QUIET = {"log": lambda _: None}
+
+
+def every_run(seeds=(0, 1)):
+    """PAIR's runs in the runner's order: the sweep at seed 0, then the other seeds at the chosen rates."""
+    sweep = [(m, lr, "movies", 0) for m in PAIR["s"].methods for lr in (3e-4, 1e-3, 3e-3)]
+    return sweep + [(m, BEST[m.split(":")[0]], "movies", s) for s in seeds[1:] for m in PAIR["s"].methods]
+
+
+def test_a_study_sweeps_on_dev_then_runs_every_seed_at_the_chosen_rate(tmp_path):
+    trainer = FakeTrainer()
+    runs = run_studies(trainer, PAIR, [0, 1], tmp_path, **QUIET)
+    assert trainer.trained == every_run()
+    assert (
+        runs.rate(Method.parse("lora:v:r2"), "movies") == 1e-3
+        and runs.rate(Method.parse("loratrf:v:r2"), "movies") == 3e-3
+    )
+    assert sorted(runs.at_rate(Method.parse("loratrf:v:r2"), "movies")) == [0, 1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        results.run_path(tmp_path, results.identity(Method.parse(m), lr, t, s, trainer.config)).name
+        for m, lr, t, s in every_run()
+    )
+    again = FakeTrainer()
+    run_studies(again, PAIR, [0, 1, 2], tmp_path, **QUIET)  # resumes: only seed 2 is new
+    assert again.trained == [("lora:v:r2", 1e-3, "movies", 2), ("loratrf:v:r2", 3e-3, "movies", 2)]
+
+
+def test_rates_come_from_finished_sweeps_fixed_specs_or_defaults():
+    record = lambda m, lr, dev, task="movies": {"method": m, "task": task, "seed": 0, "lr": lr, "dev": dev}
+    found = results.Runs(
+        [record("lora:v:r2", 3e-4, 0.7), record("lora:v:r2", 1e-3, 0.7), record("lora:v:r2", 3e-3, 0.6)]
+    )
+    lora = Method.parse("lora:v:r2")
+    assert found.rate(lora, "movies") == 3e-4  # a tie goes to the lower rate
+    assert found.rate(lora, "transfer") == 3e-4  # tuned on its training source's dev
+    assert found.rate(Method.parse("lora:v:r2:peft"), "movies") == 3e-4  # PEFT's LoRA takes loratrf's sweep
+    assert found.rate(Method.parse("lora:v:r4"), "movies") is None  # no sweep yet
+    assert found.rate(Method.parse("lora:v:r4:lr=0.01"), "movies") == 0.01
+    assert results.Runs([], tune=False).rate(Method.parse("full"), "movies") == 5e-5  # the demo: defaults
+    assert results.choose({1e-3: 0.8, 3e-3: 0.9, 3e-4: 0.9}) == 3e-4
+
+
+def test_processes_sharing_a_folder_train_each_run_once(tmp_path):
+    """The second runner starts while the first trains its first run (which it has claimed):
+    it leaves that run, and the seeds that wait on its sweep, to the first."""
+    other = FakeTrainer()
+    first = FakeTrainer(during_first=lambda: run_studies(other, PAIR, [0, 1], tmp_path, **QUIET))
+    run_studies(first, PAIR, [0, 1], tmp_path, **QUIET)
+    assert first.trained[0] == every_run()[0] and every_run()[0] not in other.trained
+    assert sorted(first.trained + other.trained) == sorted(every_run())  # each once, none lost
+    assert not list(tmp_path.glob("*.claim"))
+
+
+def test_a_claim_is_held_while_its_process_lives_and_taken_over_after(tmp_path):
+    path = tmp_path / "run.json"
+    marker = tmp_path / "run.json.claim"
+    marker.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))  # a live holder
+    assert not claim(path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    marker.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))  # killed
+    assert claim(path) and json.loads(marker.read_text())["pid"] == os.getpid()
+    marker.write_text(json.dumps({"host": "elsewhere", "pid": dead.pid}))  # another host's: never judged
+    assert not claim(path)
+
+
+KILLED_RUNNER = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_experiments import PAIR, FakeTrainer
+from loratrf.experiments.runner import run_studies
+run_studies(FakeTrainer(block_at={block_at}, started={started!r}), PAIR, [0, 1], {folder!r}, log=print)
+"""
+
+
+def test_a_killed_runner_loses_only_the_run_in_flight(tmp_path):
+    folder, started, block_at = tmp_path / "runs", tmp_path / "started", 7  # in the seeds, after the sweep
+    script = KILLED_RUNNER.format(
+        tests=str(Path(__file__).parent), block_at=block_at, started=str(started), folder=str(folder)
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(1200):  # until the run in flight has started (or the process failed)
+            if started.exists() or process.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert started.exists(), f"the runner exited with {process.poll()} before its run {block_at}"
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert len(list(folder.glob("*.json"))) == block_at - 1 and len(list(folder.glob("*.claim"))) == 1
+    resumed = FakeTrainer()
+    run_studies(resumed, PAIR, [0, 1], folder, **QUIET)
+    assert resumed.trained == every_run()[block_at - 1 :]  # the killed run first, then the rest; nothing twice
+    assert not list(folder.glob("*.claim"))
+
+
+# --- the report ------------------------------------------------------------------------------------------
+
+
+def test_the_report_answers_the_claims_with_intervals_and_says_what_is_not_yet_run(tmp_path):
+    chosen = {n: s for n, s in studies(minilm_shaped_model(), ranks=(4, 16)).items() if n != "demo"}
+    config = TrainingConfig(epochs=1)
+    trainer = FakeTrainer(config)
+    runs = run_studies(
+        trainer, {n: chosen[n] for n in ("headline", "peft", "rank")}, [0, 1, 2], tmp_path / "runs", **QUIET
+    )
+    page = tmp_path / "docs" / "results.md"
+    page.parent.mkdir()
+    page.write_text(f"old\n{report.NOTES[0]}\nmy notes\n{report.NOTES[1]}\nold tables\n")
+    report.write_page(runs, chosen, config, [0, 1, 2], page, tmp_path / "docs" / "results", title="t")
+    text = page.read_text()
+    assert "my notes" in text and "old tables" not in text
+    # headline: right on 8 + seed % 2 of 10 vs 5: differences 0.3, 0.4, 0.3; s = 0.057735, t(0.975, 2) = 4.302653
+    half = 100 * 4.302653 * 0.057735 / math.sqrt(3)
+    assert f"on movies over 3 seeds: +33.3 [{33.333 - half:+.1f}, {33.333 + half:+.1f}] points;" in text
+    assert "1. **LoRATRF ≥ LoRA with fewer parameters**: holds here." in text
+    assert "McNemar p = 0.002" in text  # b = 3 + 4 + 3 = 10, c = 0: p = 2 / 2**10
+    # rank: the gap is 1 sentence larger at r=4 than at r=16 for every seed: +10.0, no spread
+    assert "r=4 +10.0 [+10.0, +10.0] points. Grows, resolved, at r = 4." in text
+    assert "3. **W_o, W_f1, W_f2 best**: not yet measured" in text
+    assert "**PEFT's LoRA vs loratrf's** (r=8, all six, the same rate): agree within the interval" in text
+    assert "| 10 / 0, p = 0.002 | resolved: higher |" in text.split("### headline")[1]  # the comparison table
+    assert "| 0 / 0, p = 1 | unresolved (interval spans 0) |" in text.split("### peft")[1]
+    # planned, 3 seeds: 24 distinct swept methods on movies x (3 rates + 2 seeds), PEFT's 3 seeds; domains:
+    # 3 methods x (3 seeds on transfer, tuned on movies' sweep, + 5 on each of 3 domains); TREC 3 x 5
+    assert "In all: 33 runs done of 192 planned" in text and 24 * 5 + 3 + 3 * (3 + 3 * 5) + 3 * 5 == 192
+    assert "| [headline](#headline) | 10 / 10 | 2 min |" in text
+    assert "Not yet run (15 runs planned)" in text.split("### trec")[1]  # 3 methods: 3 rates + 4 more seeds
+    module = text.split("### module")[1].split("###")[0]  # v,f1,f2 done (headline): 3 rates + 2 seeds of 6 x 5
+    assert "| LoRATRF r=24 (q,v + filters r=8) | sweep not finished |" in module and "5 of 30 runs done" in module
+    assert "**0.003: 60.0**" in text and "**0.001: 60.0**" in text  # the sweeps, with the choices
+    assert (tmp_path / "docs" / "results" / "headline.png").stat().st_size > 1000
+    assert (tmp_path / "docs" / "results" / "rank.png").stat().st_size > 1000
+
+
+# --- PEFT's LoRA beside loratrf's ------------------------------------------------------------------------
+
+
+def test_pefts_lora_is_built_like_loratrfs_and_computes_the_same_function():
+    """Same targets, rank, alpha, counts and initialisation; with loratrf's U, V copied into
+    PEFT's A, B (`A = Uᵀ`, `B = Vᵀ`) the two models give the same logits."""
+    import loratrf
+
+    ours, theirs = tiny_bert(), tiny_bert()
+    prepare(ours, Method.parse("lora:v,f1,f2:r4"))
+    prepare(theirs, Method.parse("lora:v,f1,f2:r4:peft"))
+    assert loratrf.summary(ours) == loratrf.summary(theirs)
+    peft_layers = {n.removesuffix(".lora_A"): m for n, m in theirs.named_modules() if n.endswith(".lora_A")}
+    loratrf_layers = {n: m for n, m in ours.named_modules() if isinstance(m, loratrf.LoRALinear)}
+    assert len(peft_layers) == len(loratrf_layers) == 2 * 3
+    for name, layer in loratrf_layers.items():
+        host = theirs.get_submodule(name)
+        a, b = host.lora_A["default"].weight, host.lora_B["default"].weight  # [r, d_in], [d_out, r]
+        assert host.scaling["default"] == layer.lora.scale == 16 / 4
+        assert a.abs().max() <= 1 / math.sqrt(layer.lora.d_in) and torch.count_nonzero(b) == 0  # PEFT's init
+        with torch.no_grad():
+            layer.lora.V.normal_()  # B != 0, so the adapters act
+            a.copy_(layer.lora.U.T)
+            b.copy_(layer.lora.V.T)
+    ids = torch.randint(3, 50, (4, 7))
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+    trainable = {n for n, p in theirs.named_parameters() if p.requires_grad}
+    assert {"classifier.weight", "bert.pooler.dense.weight"} <= trainable and not any("query" in n for n in trainable)
+
+
+def test_peft_specs_read_as_documented():
+    assert Method.parse("lora:all:r8:peft") == Method("lora", MATRICES, 8, peft=True)
+    assert Method.parse("lora:v:r4:peft").title == "PEFT LoRA r=4 (v)"
+    assert Method.parse("lora:v:peft:lr=0.01").tuned_as == Method.parse("lora:v")
+    assert Method.parse("dora:v:r4:peft").title == "PEFT DoRA r=4 (v)"
+    import loratrf
+
+    counts = []
+    for spec in ("lora:v,f1,f2:r4:dora", "lora:v,f1,f2:r4:dora:peft"):  # PEFT's DoRA: the same magnitudes
+        model = tiny_bert()
+        prepare(model, Method.parse(spec))
+        counts.append(loratrf.summary(model))
+    assert counts[0].lora == counts[1].lora == 4 * 2 * ((32 + 32) + (32 + 64) + (64 + 32)) + 2 * (32 + 64 + 32)
+    for bad in ("loratrf:v:peft", "full:peft", "adalora:v:peft"):
+        with pytest.raises(ValueError, match="method specs are"):
+            Method.parse(bad)
+
+
+# --- the real model, smoke-sized --------------------------------------------------------------------------
+
+
+def runs_in(folder):
+    return {(r["method"], r["lr"], r["seed"]): r for r in results.read_runs(folder, cli.SMOKE)}
+
+
 @needs_demo_packages
-def test_smoke_runs_of_the_new_methods_train_evaluate_and_count(tmp_path):
-    specs = ["head", "bitfit", "dora:v,f1,f2:r8", "adalora:v,f1,f2:r8", "loratrf:v,f1,f2:r8:dora"]
+def test_smoke_demo_trains_evaluates_and_writes_results(tmp_path, capsys):
+    assert cli.main(["demo", "--smoke", "--threads", "1", "--out", str(tmp_path)]) == 0
+    found = runs_in(tmp_path / "runs")
+    assert sorted(found) == [("full", 5e-5, 0), ("lora:all:r8", 1e-3, 0), ("loratrf:v,f1,f2:r8", 1e-3, 0)]
+    by = {m: r for (m, _, _), r in found.items()}
+    d, ffn, layers = 384, 1536, 6
+    assert by["lora:all:r8"]["params"]["lora"] == 8 * layers * (4 * 2 * d + 2 * (d + ffn))
+    assert by["loratrf:v,f1,f2:r8"]["params"]["filter"] == layers * (d + 2 * d * 8)
+    assert by["full"]["params"]["other"] == by["full"]["params"]["base_total"]
+    head = d * d + d + 2 * d + 2  # pooler and classifier: trainable in every adapter method
+    assert by["lora:all:r8"]["params"]["other"] == head
+    for run in found.values():
+        hits = results.correctness(run, "movies")
+        assert (
+            len(hits) == run["test_size"]["movies"] == cli.SMOKE.test_size and run["test"]["movies"] == sum(hits) / 32
+        )
+        assert run["train_sentences"] == cli.SMOKE.train_size and len(run["train_loss"]) == 1
+        assert run["versions"]["torch"] == torch.__version__ and run["versions"]["peft"]
+    assert (tmp_path / "results.md").exists() and (tmp_path / "demo.png").stat().st_size > 1000
+    gates = by["loratrf:v,f1,f2:r8"]["gates"]  # the filter run's gates, at the start and after training
+    assert gates["sentences"] == cli.SMOKE.test_size and len(gates["trained"]["stats"]) == layers
+    assert all(0.0 <= s["mean"] <= 1.0 and s["tokens"] > 0 for s in gates["start"]["stats"].values())
+    assert by["lora:all:r8"]["gates"] is None
+    assert (tmp_path / "gates-loratrf-v-f1-f2-r8.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "| LoRATRF r=8 (v,f1,f2 + filters) |" in printed
+    assert "gates of LoRATRF r=8 (v,f1,f2 + filters), seed 0" in printed and "| layer 5 |" in printed
+    assert "gates: LoRATRF r=8 (v,f1,f2 + filters)" in (tmp_path / "results.md").read_text()
+    # a second call finds every run done and trains nothing
+    assert cli.main(["demo", "--smoke", "--out", str(tmp_path)]) == 0
+    assert "3 already in" in capsys.readouterr().out
+
+
+@needs_demo_packages
+def test_smoke_grid_sweeps_resumes_and_reports(tmp_path, capsys):
+    argv = ["grid", "--smoke", "--threads", "1", "--methods", "lora:v:r2", "--seeds", "0", "1", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    found = runs_in(tmp_path)
+    assert sorted(k for k in found if k[2] == 0) == [("lora:v:r2", lr, 0) for lr in (3e-4, 1e-3, 3e-3)]
+    chosen = max((3e-4, 1e-3, 3e-3), key=lambda lr: (found["lora:v:r2", lr, 0]["dev"], -lr))  # ties: the lower
+    assert [k for k in found if k[2] == 1] == [("lora:v:r2", chosen, 1)]  # seed 1 at the rate chosen on dev
+    capsys.readouterr()
+    assert cli.main(argv) == 0  # the same command again resumes: nothing left to train
+    out = capsys.readouterr().out
+    assert "custom, learning-rate sweep: 3 runs, 3 already in" in out and "seeds 0, 1: 2 runs, 2 already in" in out
+    page = tmp_path / "results.md"
+    assert cli.main(["report", "--smoke", "--out", str(tmp_path), "--page", str(page), "--figures", str(tmp_path)]) == 0
+    text = page.read_text()
+    assert "LoRA r=2 (v)" not in text  # the custom grid is not among the reported studies
+    assert "1. **LoRATRF ≥ LoRA with fewer parameters**: not yet measured" in text and "In all: 4 runs done of" in text
+
+
+@needs_demo_packages
+def test_a_calibrated_method_starts_every_gate_open_on_its_first_batch(tmp_path):
+    argv = ["demo", "--smoke", "--methods", "loratrf:v:r2:cal", "--max-steps", "1"]
+    assert cli.main([*argv, "--threads", "1", "--out", str(tmp_path)]) == 0
+    (run,) = runs_in(tmp_path / "runs").values()
+    gates = run["open_gates"]
+    assert len(gates) == 6 and all(0.9 <= share <= 1.0 for share in gates.values())
+
+
+@needs_demo_packages
+def test_smoke_runs_of_the_baselines_train_evaluate_and_count(tmp_path):
+    specs = ["head", "bitfit", "dora:v,f1,f2:r8", "adalora:v,f1,f2:r8", "loratrf:v,f1,f2:r8:dora", "lora:all:r8:peft"]
     assert cli.main(["demo", "--smoke", "--threads", "1", "--methods", *specs, "--out", str(tmp_path)]) == 0
-    runs = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["runs"]}
-    assert list(runs) == ["head", "bitfit", "lora:v,f1,f2:r8:dora", "adalora:v,f1,f2:r8", "loratrf:v,f1,f2:r8:dora"]
+    runs = {m: r for (m, _, _), r in runs_in(tmp_path / "runs").items()}
+    assert set(runs) == {str(Method.parse(s)) for s in specs}
     d, ffn, layers = 384, 1536, 6
     head = d * d + d + 2 * d + 2
     lora, magnitudes = 8 * layers * (2 * d + 2 * (d + ffn)), layers * (d + ffn + d)
@@ -660,6 +960,8 @@ def test_smoke_runs_of_the_new_methods_train_evaluate_and_count(tmp_path):
     assert runs["lora:v,f1,f2:r8:dora"]["params"]["dora"] == magnitudes
     assert runs["adalora:v,f1,f2:r8"]["params"]["lora"] == 12 * layers * (2 * d + 2 * (d + ffn)) + 12 * 3 * layers
     assert runs["loratrf:v,f1,f2:r8:dora"]["params"]["filter"] == layers * (d + 2 * d * 8)
+    assert runs["lora:all:r8:peft"]["params"]["lora"] == 8 * layers * (4 * 2 * d + 2 * (d + ffn))
+    assert runs["lora:all:r8:peft"]["params"]["other"] == head
     # AdaLoRA's 3 smoke steps: warm-up 0, final phase from step 2, where the ranks hold the budget
     ranks = runs["adalora:v,f1,f2:r8"]["ranks"]
     assert len(ranks) == 3 * layers and sum(ranks.values()) == 8 * 3 * layers

@@ -1,6 +1,7 @@
 """Experiments on a real pretrained model and real data: `python -m loratrf.experiments --help`.
 
-`demo` compares full fine-tuning, LoRA and LoRATRF on movie sentiment; `grid` runs the paper's
-studies (rank, module choice, filter ablations, other domains, TREC) over seeds; `report`
-turns a results.json into a Markdown page. `story` is the small end-to-end tour of the API.
+`studies.py` holds the paper's questions (methods, tasks, the pairs compared, the plot);
+`runner.py` trains them (a learning-rate sweep on dev, then every seed), one file per run;
+`results.py` reads those files and computes the paired statistics; `report.py` renders
+docs/results.md. `demo` is the quick path: three methods at their default rates.
 """

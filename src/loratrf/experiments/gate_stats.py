@@ -24,7 +24,7 @@ from loratrf.experiments.training import Encoded, pad
 PROBE_SENTENCES = 256
 PICTURE_SENTENCES = 6
 PICTURE_TOKENS = (6, 14)  # the picture's sentences: this many tokens, [CLS] and [SEP] included
-DIGITS = 4  # recorded gates are rounded, to keep results.json small
+DIGITS = 4  # recorded gates are rounded, to keep run files small
 
 
 def picture_rows(data: Encoded) -> list[int]:
@@ -177,11 +177,11 @@ def gate_lines(
     return lines
 
 
-def console_gates(results: Mapping, study: str) -> str:
-    """The terminal's gate report of a study: each filter method's gates per layer after training."""
+def console_gates(runs: Sequence[Mapping], methods: Sequence[str]) -> str:
+    """The terminal's gate report: each filter method's gates per layer, at the start and after training."""
     out = []
-    for method in results["studies"][study]["methods"]:
-        run = first_gate_run(results["runs"], method)
+    for method in methods:
+        run = first_gate_run(runs, method)
         if run is not None:
             out += [f"gates of {run['title']}, seed {run['seed']}, {summary_line(run['gates'])}"]
             out += gate_table(run["gates"])

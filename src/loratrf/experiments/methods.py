@@ -12,6 +12,8 @@ Spec grammar (`Method.parse`; `str(method)` gives the canonical spec back):
                                   (12 for r=8), pruned during training to an average rank r
     ...:dora                      DoRA layers instead of LoRA (lora, loratrf: DoRA + filters);
                                   `dora:<matrices>:r<rank>` reads as `lora:<matrices>:r<rank>:dora`
+    ...:peft                      PEFT's LoRA (or DoRA) layers instead of loratrf's (lora): the same
+                                  targets, rank, alpha, initialisation and dropout, to cross-check
     ...:fr<rank>                  the filters' rank, when it differs from LoRA's (loratrf)
     ...:dot                       dot-product relevance instead of cosine (loratrf, filters)
     ...:cal                       task vectors set by `loratrf.calibrate_filters` (the mean
@@ -22,7 +24,7 @@ Spec grammar (`Method.parse`; `str(method)` gives the canonical spec back):
     ...:aff                       the affine gate `s = clamp(a cos(h, t) + b, 0, 1)` (a, b learnable,
                                   from 1 and 0); with ':cal' or ':con' also
                                   `calibrate_filters(gate_range=GATE_RANGE)`
-    ...:lr=<float>                a learning rate other than the method's default
+    ...:lr=<float>                a fixed learning rate: not swept, and not the method's default
 
 `<matrices>` are the paper's names joined by commas (`q,k,v,o,f1,f2`), or `all` for the six;
 the rank defaults to 8. LoRA's alpha is 16 throughout (the paper: "typically 16 or 32 and
@@ -35,12 +37,16 @@ import dataclasses
 import math
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 import loratrf
 from loratrf.presets import MATRICES
+
+if TYPE_CHECKING:
+    import peft
 
 KINDS = ("full", "head", "lora", "loratrf", "filters", "bitfit", "adalora")
 GRAMMAR = (
@@ -49,7 +55,8 @@ GRAMMAR = (
     "with <matrices> from q,k,v,o,f1,f2 joined by commas (or 'all'), optionally followed by ':fr<rank>' "
     "(the filters' rank), ':dot' (filters' similarity), ':cal' or ':con' (task vectors started at the mean or the "
     "contrastive direction), ':aff' (the affine gate), ':dora' (DoRA layers, for lora and loratrf; "
-    "'dora:<matrices>:r<rank>' is 'lora:<matrices>:r<rank>:dora') and ':lr=<float>'; "
+    "'dora:<matrices>:r<rank>' is 'lora:<matrices>:r<rank>:dora'), ':peft' (PEFT's layers, for lora) "
+    "and ':lr=<float>'; "
     "e.g. 'loratrf:v,f1,f2:r8'"
 )
 # Kinds that take LoRA-type matrices and a rank
@@ -60,6 +67,7 @@ EXAMPLES = {
     "head only": "head",
     "BitFit": "bitfit",
     "LoRA": "lora:v,f1,f2:r8",
+    "LoRA (PEFT)": "lora:v,f1,f2:r8:peft",
     "DoRA": "dora:v,f1,f2:r8",
     "AdaLoRA (PEFT)": "adalora:v,f1,f2:r8",
     "LoRATRF": "loratrf:v,f1,f2:r8",
@@ -67,17 +75,20 @@ EXAMPLES = {
     "filters only": "filters:r8",
 }
 ALPHA = 16.0
-# Defaults, the same for every task and not tuned: full fine-tuning at BERT's usual 5e-5, and
-# one shared rate for every adapter method (LoRA's usual range is 5e-4 to 2e-3 at alpha/r = 2).
-DEFAULT_LR = {
-    "full": 5e-5,
-    "head": 1e-3,
-    "lora": 1e-3,
-    "loratrf": 1e-3,
-    "filters": 1e-3,
-    "bitfit": 1e-3,
-    "adalora": 1e-3,
+# The learning rates a study sweeps for each kind (on dev, seed 0; each spans 10x): full
+# fine-tuning around BERT's usual 5e-5, every adapter method around 1e-3 (LoRA's usual range is
+# 5e-4 to 2e-3 at alpha/r = 2). The middle value is the default, which the demo uses untuned.
+ADAPTER_SWEEP = (3e-4, 1e-3, 3e-3)
+LR_SWEEP = {
+    "full": (2e-5, 5e-5, 2e-4),
+    "head": ADAPTER_SWEEP,
+    "lora": ADAPTER_SWEEP,
+    "loratrf": ADAPTER_SWEEP,
+    "filters": ADAPTER_SWEEP,
+    "bitfit": ADAPTER_SWEEP,
+    "adalora": ADAPTER_SWEEP,
 }
+DEFAULT_LR = {kind: rates[1] for kind, rates in LR_SWEEP.items()}
 ARCHITECTURE = "bert"
 # The task head trains in every method: BERT's pooler (dense + tanh on [CLS]) and classifier.
 HEAD = (r"(?:.*\.)?pooler", "classifier")
@@ -100,6 +111,7 @@ class Method:
     start: str = "random"  # how task vectors start: "random", or by calibrate_filters: "cal" (mean), "con"
     gate: str = "paper"  # the filters' gate: "paper" or "affine"
     dora: bool = False  # DoRA layers instead of LoRA (kinds 'lora' and 'loratrf')
+    peft: bool = False  # PEFT's layers instead of loratrf's (kind 'lora')
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -114,6 +126,8 @@ class Method:
             )
         if self.dora and self.kind not in ("lora", "loratrf"):
             raise ValueError("':dora' makes LoRA layers DoRA layers (kind 'lora' or 'loratrf')")
+        if self.peft and self.kind != "lora":
+            raise ValueError("':peft' builds LoRA with PEFT (kind 'lora')")
         if self.similarity not in ("cosine", "dot"):
             raise ValueError(f"similarity must be 'cosine' or 'dot', got {self.similarity!r}")
         if self.similarity == "dot" and self.kind not in ("loratrf", "filters"):
@@ -153,6 +167,12 @@ class Method:
     def filters(self) -> bool:
         return self.kind in ("loratrf", "filters")
 
+    @property
+    def tuned_as(self) -> Method:
+        """The method whose learning-rate sweep this one takes: itself without a fixed rate;
+        PEFT's LoRA takes loratrf's, so that the pair differs in the implementation alone."""
+        return dataclasses.replace(self, lr=None, peft=False)
+
     def __str__(self) -> str:
         parts = [self.kind]
         if self.matrices:
@@ -169,6 +189,8 @@ class Method:
             parts.append("aff")
         if self.dora:
             parts.append("dora")
+        if self.peft:
+            parts.append("peft")
         if self.lr is not None:
             parts.append(f"lr={self.lr!r}")  # repr: the shortest text that reads back exactly
         return ":".join(parts)
@@ -198,6 +220,8 @@ class Method:
         name = {"lora": "LoRA", "loratrf": "LoRATRF", "filters": "filters"}[self.kind]
         if self.dora:
             name = "DoRA"  # with filters: DoRA + filters, `where` says so
+        if self.peft:
+            name = f"PEFT {name}"
         return f"{name} r={self.rank} ({where})"
 
     @classmethod
@@ -219,6 +243,8 @@ class Method:
                 options["gate"] = "affine"
             elif field == "dora":
                 options["dora"] = True
+            elif field == "peft":
+                options["peft"] = True
             elif field.startswith("lr="):
                 try:
                     options["lr"] = float(field[3:])
@@ -238,11 +264,11 @@ class Method:
 
 def prepare(
     model: nn.Module, method: Method, *, total_steps: int | None = None
-) -> loratrf.InjectionConfig | AdaLoRA | None:
-    """Make `method` trainable in `model` (in place): inject adapters, unfreeze all for `full`,
-    only the head for `head`, the biases and the head for `bitfit`. `adalora` needs the run's
-    `total_steps` (its pruning schedule) and returns the `AdaLoRA` whose hooks the training
-    loop must call every step."""
+) -> loratrf.InjectionConfig | AdaLoRA | peft.LoraConfig | None:
+    """Make `method` trainable in `model` (in place): inject adapters (PEFT's for ':peft', whose
+    `LoraConfig` it returns), unfreeze all for `full`, only the head for `head`, the biases and
+    the head for `bitfit`. `adalora` needs the run's `total_steps` (its pruning schedule) and
+    returns the `AdaLoRA` whose hooks the training loop must call every step."""
     if method.kind in ("full", "head", "bitfit"):
         model.requires_grad_(method.kind == "full")
         if method.kind == "bitfit":
@@ -255,6 +281,8 @@ def prepare(
         if total_steps is None:
             raise ValueError("AdaLoRA's pruning schedule needs the run's total_steps")
         return AdaLoRA(model, method, total_steps)
+    if method.peft:
+        return peft_lora(model, method)
     config = loratrf.presets.preset(
         ARCHITECTURE,
         method.matrices,
@@ -268,6 +296,23 @@ def prepare(
         dora=method.dora,
     )
     loratrf.inject(model, config)
+    return config
+
+
+def peft_lora(model: nn.Module, method: Method) -> peft.LoraConfig:
+    """PEFT's LoRA (`peft.LoraModel`, injected into `model` in place) as loratrf's preset builds
+    it: the same target modules (one regex, matched whole), rank, alpha, dropout (none) and
+    initialisation (A uniform on ±1/sqrt(d_in), PEFT's kaiming default, and B = 0); the head
+    trains. Returns PEFT's config."""
+    from loratrf.experiments.packages import require
+
+    peft = require("peft", "peft>=0.21,<0.22")
+    targets = loratrf.presets.preset(ARCHITECTURE, method.matrices).targets[0]
+    config = peft.LoraConfig(
+        r=method.rank, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=targets, use_dora=method.dora
+    )
+    peft.LoraModel(model, config, "default")
+    unfreeze_head(model)
     return config
 
 

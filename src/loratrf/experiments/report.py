@@ -1,7 +1,9 @@
-"""Results as Markdown tables, PNG plots and plain-spoken findings, from a grid's `results.json`.
+"""The results page, rendered from run files: the paper's claims answered with paired intervals,
+then each study's tables (methods, learning-rate sweep, comparisons), plot and gate pictures,
+and the compute each study took. Nothing here computes a statistic (results.py does).
 
-`python -m loratrf.experiments report results/<run>/results.json` regenerates docs/results.md
-(and its figures) from any results file, so a larger grid run later replaces the page whole.
+`python -m loratrf.experiments report` regenerates docs/results.md; a study without runs is
+shown as not yet run.
 """
 
 from __future__ import annotations
@@ -9,193 +11,325 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from loratrf.experiments.data import TASKS
 from loratrf.experiments.gate_picture import draw_study
-from loratrf.experiments.gate_stats import gate_lines
-from loratrf.experiments.grid import PAPER_LORA, PAPER_LORATRF, aggregate
+from loratrf.experiments.gate_stats import console_gates, gate_lines
 from loratrf.experiments.methods import Method
 from loratrf.experiments.packages import require
+from loratrf.experiments.results import LEVEL, SWEEP_SEED, Interval, Paired, Runs, contrast, mean_std, sweep_task
+from loratrf.experiments.runner import seed_runs, sweep_runs
+from loratrf.experiments.studies import PAPER_LORA, PAPER_LORATRF, Study
+from loratrf.experiments.training import TrainingConfig
+
+NOTES = ("<!-- notes: kept when the page is regenerated -->", "<!-- end of notes -->")
 
 
-def percent(figure: tuple[float, float | None]) -> str:
-    """`(mean, std)` of an accuracy as `81.2 ± 0.4` (points), or `81.2` for a single seed."""
-    mean, std = figure
+def percent(values: Sequence[float]) -> str:
+    """Accuracies over seeds as `81.2 ± 0.4` (mean ± sample std, points), `81.2` for one."""
+    mean, std = mean_std(values)
     return f"{100 * mean:.1f}" if std is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
-def table(study: Mapping, agg: Mapping) -> list[str]:
-    """One Markdown table per task of the study: a row per method, then the majority class."""
+def interval_text(interval: Interval) -> str:
+    """`+1.2 [-0.3, +2.7] points`, or `+1.2 points (one seed, no interval)`."""
+    bounds = interval.bounds
+    if bounds is None:
+        return f"{100 * interval.mean:+.1f} points (one seed, no interval)"
+    return f"{100 * interval.mean:+.1f} [{100 * bounds[0]:+.1f}, {100 * bounds[1]:+.1f}] points"
+
+
+def seeds_text(pair: Paired) -> str:
+    return f"{len(pair.seeds)} seed" + "s" * (len(pair.seeds) != 1)
+
+
+def outcome(interval: Interval) -> int | None:
+    """None without an interval (one seed), 0 when it spans zero, else the resolved sign."""
+    if interval.bounds is None:
+        return None
+    return 0 if not interval.resolved else (1 if interval.mean > 0 else -1)
+
+
+VERDICTS = {
+    None: "unresolved (one seed)",
+    0: "unresolved (interval spans 0)",
+    1: "resolved: higher",
+    -1: "resolved: lower",
+}
+
+
+def sources(study: Study) -> list[tuple[str, str]]:
+    return [(task, source) for task in study.tasks for source in TASKS[task].tests]
+
+
+def where(task: str, source: str) -> str:
+    return task if source == task else f"{task} ({source} test)"
+
+
+# --- a study's tables ------------------------------------------------------------------------------
+
+
+def method_table(study: Study, runs: Runs) -> list[str]:
+    """A table per task: a row per method at its rate, then the majority class."""
     lines: list[str] = []
-    for task in study["tasks"]:
-        rows = [(m, agg[m, task]) for m in study["methods"] if (m, task) in agg]
-        if not rows:
-            continue
-        sources = list(rows[0][1]["test"])
+    for task in study.tasks:
+        rows = [(m, runs.rate(Method.parse(m), task), runs.at_rate(Method.parse(m), task)) for m in study.methods]
+        tests = TASKS[task].tests
         head = ["method", "lr", "LoRA", "filters", "head/other", "trainable", "seeds", "dev acc"]
-        head += [f"test acc ({s})" for s in sources] + ["train time"]
-        if len(study["tasks"]) > 1:
+        head += [f"test acc ({s})" for s in tests] + ["time per run"]
+        if len(study.tasks) > 1:
             lines.append(f"*{task}: {TASKS[task].description}*\n")
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for method, a in rows:
-            p, m = a["params"], Method.parse(method)
-            seconds, _ = a["train_seconds"]
-            cells = [m.title, f"{m.learning_rate:g}", f"{p['lora']:,}", f"{p['filter']:,}", f"{p['other']:,}"]
-            cells += [f"{p['trainable']:,}", str(a["n"]), percent(a["dev"])]
-            cells += [percent(a["test"][s]) for s in sources] + [f"{seconds:.0f} s"]
+        majority = None
+        for spec, lr, done in rows:
+            title = Method.parse(spec).title
+            if not done:
+                state = "sweep not finished" if lr is None else "not yet run"
+                lines.append(f"| {title} | {state} |" + " |" * (len(head) - 2))
+                continue
+            records = [done[s] for s in sorted(done)]
+            p = records[0]["params"]
+            seconds = mean_std([r["train_seconds"] + r["eval_seconds"] for r in records])[0]
+            cells = [title, f"{lr:g}", f"{p['lora']:,}", f"{p['filter']:,}", f"{p['other']:,}", f"{p['trainable']:,}"]
+            cells += [str(len(records)), percent([r["dev"] for r in records])]
+            cells += [percent([r["test"][s] for r in records]) for s in tests] + [f"{seconds:.0f} s"]
             lines.append("| " + " | ".join(cells) + " |")
-        majority = rows[0][1]["majority"]
-        lines.append("| majority class |" + " |" * 7 + "".join(f" {100 * majority[s]:.1f} |" for s in sources) + " |")
+            majority = records[0]["majority"]
+        if majority:
+            lines.append("| majority class |" + " |" * 7 + "".join(f" {100 * majority[s]:.1f} |" for s in tests) + " |")
         lines.append("")
     return lines
 
 
-def noise(p: float, n: int) -> float:
-    """Standard error (points) of the difference of two independent accuracies near `p` on `n`
-    sentences: `100 sqrt(2 p (1 - p) / n)`."""
-    return 100 * math.sqrt(2 * p * (1 - p) / n) if n else float("nan")
+def sweep_table(study: Study, runs: Runs) -> list[str]:
+    """Each swept method's dev accuracy at every rate of its sweep, the chosen rate in bold."""
+    lines = ["| method | tuned on | dev acc at each learning rate (seed 0) |", "|---|---|---|"]
+    for task in dict.fromkeys(TASKS[t].train for t in study.tasks):
+        for spec in study.methods:
+            method = Method.parse(spec)
+            if method.lr is not None or method.peft:
+                continue
+            sweep, chosen = runs.sweep(method, task), runs.rate(method, task)
+            cells = []
+            for lr, run in sweep.items():
+                text = f"{lr:g}: " + ("-" if run is None else f"{100 * run['dev']:.1f}")
+                cells.append(f"**{text}**" if lr == chosen else text)
+            lines.append(f"| {method.title} | {task} | {' · '.join(cells)} |")
+    return lines + [""] if len(lines) > 2 else []
 
 
-def gap_text(a: Mapping, b: Mapping, source: str) -> str:
-    """`a - b` on `source`'s test set in points, against a noise band of two standard errors
-    (`gap_and_band`)."""
-    gap, band = gap_and_band(a, b, source)
-    verdict = "within noise" if abs(gap) < band else ("better" if gap > 0 else "worse")
-    return f"{gap:+.1f} points ({verdict}: noise band ±{band:.1f})"
+def comparisons(study: Study, runs: Runs) -> list[Paired]:
+    found = []
+    for first, second in study.comparisons:
+        for task, source in sources(study):
+            pair = runs.compare(first, second, task, source)
+            if pair is not None:
+                found.append(pair)
+    return found
 
 
-def gap_and_band(a: Mapping, b: Mapping, source: str) -> tuple[float, float]:
-    """`a - b` on `source`'s test set and its noise band (two standard errors), both in points.
-
-    The test-set error is paired (the same sentences): the standard deviation over sentences of
-    the difference in correctness, over sqrt(n); without per-sentence results, the unpaired
-    `noise`. With several seeds, the seeds' standard error of the difference of the means adds
-    in quadrature.
-    """
-    (mean_a, std_a), (mean_b, std_b) = a["test"][source], b["test"][source]
-    ca, cb = a["correct"].get(source), b["correct"].get(source)
-    if ca is not None and cb is not None and len(ca) == len(cb) > 1:
-        d = [x - y for x, y in zip(ca, cb)]
-        m = sum(d) / len(d)
-        test_se = 100 * math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d))
-    else:
-        test_se = noise((mean_a + mean_b) / 2, len(ca or cb or ()) or 1000)
-    seed_se = 0.0
-    if std_a is not None and std_b is not None:
-        seed_se = 100 * math.sqrt(std_a**2 / a["n"] + std_b**2 / b["n"])
-    return 100 * (mean_a - mean_b), 2 * math.hypot(test_se, seed_se)
-
-
-def findings(name: str, study: Mapping, agg: Mapping) -> list[str]:
-    """Each comparison that bears on one of the paper's claims, with its size against the noise."""
-    out: list[str] = []
-
-    def compare(claim: str, first: str, second: str, task: str, source: str | None = None) -> None:
-        a, b = agg.get((first, task)), agg.get((second, task))
-        if a is not None and b is not None:
-            out.append(f"- {claim}: {gap_text(a, b, source or TASKS[task].tests[0])}")
-
-    tasks = study["tasks"]
-    if name == "rank":
-        for method in study["methods"]:
-            m = Method.parse(method)
-            if m.kind == "loratrf":
-                compare(f"LoRATRF minus LoRA at r={m.rank}", method, f"lora:all:r{m.rank}", tasks[0])
-    elif name == "ablation":
-        compare("adding filters to LoRA on v,f1,f2 (r=8)", PAPER_LORATRF, "lora:v,f1,f2:r8", tasks[0])
-        compare("dot-product minus cosine filters", "loratrf:v,f1,f2:r8:dot", PAPER_LORATRF, tasks[0])
-        compare("LoRATRF (v,f1,f2) minus the all-six LoRA baseline", PAPER_LORATRF, PAPER_LORA, tasks[0])
-    elif name == "starts":
-        for method in study["methods"]:
-            if method != PAPER_LORATRF:
-                compare(f"{Method.parse(method).title} minus the paper's form", method, PAPER_LORATRF, tasks[0])
-    elif name == "module":
-        ranked = sorted(
-            (
-                (agg[m, tasks[0]]["test"][TASKS[tasks[0]].tests[0]][0], m)
-                for m in study["methods"]
-                if (m, tasks[0]) in agg
-            ),
-            reverse=True,
+def comparison_table(pairs: Sequence[Paired]) -> list[str]:
+    if not pairs:
+        return []
+    lines = [
+        f"| first minus second | on | seeds | difference [{100 * LEVEL:.0f}% CI] | "
+        "McNemar b / c, p (pooled) | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in pairs:
+        names = f"{Method.parse(p.first).title} − {Method.parse(p.second).title}"
+        b, c = p.discordant
+        lines.append(
+            f"| {names} | {where(p.task, p.source)} | {len(p.seeds)} | {interval_text(p.interval)} | "
+            f"{b:,} / {c:,}, p = {p.p_value:.2g} | {VERDICTS[outcome(p.interval)]} |"
         )
-        if ranked:
-            best = Method.parse(ranked[0][1])
-            out.append(
-                f"- best choice here: {','.join(best.matrices)} (r={best.rank}); order: "
-                + " > ".join(",".join(Method.parse(m).matrices) for _, m in ranked)
-            )
-            compare(
-                f"best ({','.join(best.matrices)}) minus the paper's v,f1,f2", ranked[0][1], PAPER_LORATRF, tasks[0]
-            )
+    return lines + [""]
+
+
+# --- compute -----------------------------------------------------------------------------------------
+
+
+def study_runs(study: Study, runs: Runs, seeds: Sequence[int]) -> tuple[list[Mapping], set[tuple]]:
+    """The finished runs a study uses (its sweep and its seeds at the chosen rates), and every
+    run it plans, as `(method, task, seed, lr)` keys (lr None: a seed waiting on its sweep,
+    unless that run is one of the sweep's)."""
+    planned = list(dict.fromkeys(sweep_runs(study) if runs.tune else []))
+    specs, waiting = seed_runs(study, seeds, runs)
+    planned += [s for s in dict.fromkeys(specs) if s not in planned]
+    done = [r for s in planned if (r := runs.get(s.method, s.task, s.seed, s.lr)) is not None]
+    keys = {(str(s.method), s.task, s.seed, s.lr) for s in planned}
+    keys |= {
+        (str(m), t, s, None)
+        for m, t, s in waiting
+        if not (runs.tune and s == SWEEP_SEED and sweep_task(t) == t and m.tuned_as == m)
+    }
+    return done, keys
+
+
+def seconds(records: Sequence[Mapping]) -> float:
+    return math.fsum(r["train_seconds"] + r["eval_seconds"] for r in records)
+
+
+def hours(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min"
+
+
+def compute_lines(chosen: Mapping[str, Study], runs: Runs, seeds: Sequence[int]) -> list[str]:
+    lines = ["| study | runs done / planned | CPU time of its runs |", "|---|---|---|"]
+    every_planned: set[tuple] = set()
+    for name, study in chosen.items():
+        done, planned = study_runs(study, runs, seeds)
+        every_planned |= planned
+        lines.append(f"| [{name}](#{name}) | {len(done)} / {len(planned)} | {hours(seconds(done))} |")
+    every = list(runs.records.values())
+    per_run = f"{seconds(every) / len(every):.0f} s a run on average; " if every else ""
+    lines += [
+        "",
+        f"In all: {len(every)} runs done of {len(every_planned)} planned, {hours(seconds(every))} of training and "
+        f"evaluation ({per_run}runs shared by studies count once here and in each study above).",
+        "",
+    ]
+    return lines
+
+
+# --- the paper's claims ---------------------------------------------------------------------------------
+
+
+def _trainable(runs: Runs, spec: str, task: str) -> int | None:
+    done = runs.at_rate(Method.parse(spec), task)
+    return next(iter(done.values()))["params"]["trainable"] if done else None
+
+
+def claim_lines(runs: Runs, ranks: Sequence[int], modules: Sequence[str]) -> list[str]:
+    """The paper's three claims and the PEFT cross-check, each answered from whatever runs exist."""
+    lines = ["## The paper's claims, answered", ""]
+    pair = runs.compare(PAPER_LORATRF, PAPER_LORA, "movies", "movies")
+    if pair is None:
+        lines.append("1. **LoRATRF ≥ LoRA with fewer parameters**: not yet measured (`grid --study headline`).")
     else:
-        for task in tasks:
-            for source in TASKS[task].tests:
-                where = f" on {task}" + (
-                    f" ({source} test)" if source != TASKS[task].train or len(TASKS[task].tests) > 1 else ""
-                )
-                compare(f"LoRATRF minus LoRA{where}", PAPER_LORATRF, PAPER_LORA, task, source)
-                compare(f"full fine-tuning minus LoRATRF{where}", "full", PAPER_LORATRF, task, source)
-    return out
+        ours, theirs = _trainable(runs, PAPER_LORATRF, "movies"), _trainable(runs, PAPER_LORA, "movies")
+        answer = {1: "holds here", -1: "does not hold here: LoRATRF is less accurate"}.get(
+            outcome(pair.interval), "not resolved: no difference shown either way"
+        )
+        lines.append(
+            f"1. **LoRATRF ≥ LoRA with fewer parameters**: {answer}. LoRATRF (r=8 on v,f1,f2 + filters, "
+            f"{ours:,} trainable) minus LoRA (r=8 on all six, {theirs:,} trainable) on movies over "
+            f"{seeds_text(pair)}: {interval_text(pair.interval)}; McNemar p = {pair.p_value:.2g}."
+        )
+    gaps = {r: runs.compare(f"loratrf:v,f1,f2:r{r}", f"lora:all:r{r}", "movies", "movies") for r in ranks}
+    gaps = {r: g for r, g in gaps.items() if g is not None}
+    if not gaps:
+        lines.append("2. **The advantage grows at r ≤ 8**: not yet measured (`grid --study rank`).")
+    else:
+        parts = [f"r={r} {interval_text(g.interval)}" for r, g in sorted(gaps.items())]
+        text = f"2. **The advantage grows at r ≤ 8**: LoRATRF minus LoRA: {'; '.join(parts)}."
+        top = max(ranks)
+        if top in gaps:
+            growth = {r: contrast(g, gaps[top]) for r, g in gaps.items() if r <= 8}
+            grown = [r for r, c in growth.items() if c.resolved and c.mean > 0]
+            text += (
+                " The gap at each r ≤ 8 minus the gap at r="
+                + f"{top} (seed by seed): "
+                + "; ".join(f"r={r} {interval_text(c)}" for r, c in sorted(growth.items()))
+            )
+            text += (
+                f". Grows, resolved, at r = {', '.join(map(str, grown))}."
+                if grown
+                else ". No growth resolved at any rank."
+            )
+        else:
+            text += f" r={top} not yet run, so the growth is not measured."
+        lines.append(text)
+    o_f1_f2 = next((m for m in modules if Method.parse(m).matrices == ("o", "f1", "f2")), None)
+    module_pairs = [runs.compare(o_f1_f2, m, "movies", "movies") for m in modules if o_f1_f2 not in (None, m)]
+    module_pairs = [p for p in module_pairs if p is not None]
+    if not module_pairs:
+        lines.append("3. **W_o, W_f1, W_f2 best**: not yet measured (`grid --study module`).")
+    else:
+        wins = sum(p.interval.resolved and p.interval.mean > 0 for p in module_pairs)
+        parts = [f"minus {','.join(Method.parse(p.second).matrices)} {interval_text(p.interval)}" for p in module_pairs]
+        lines.append(
+            f"3. **W_o, W_f1, W_f2 best** (at a held LoRA budget): o,f1,f2 {'; '.join(parts)}; "
+            f"ahead, resolved, of {wins} of the {len(module_pairs)} choices measured"
+            + (" (the claim holds here)." if wins == len(modules) - 1 == len(module_pairs) else ".")
+        )
+    check = runs.compare(f"{PAPER_LORA}:peft", PAPER_LORA, "movies", "movies")
+    if check is None:
+        lines.append("- **PEFT's LoRA vs loratrf's**: not yet measured (`grid --study peft`).")
+    else:
+        agree = {None: "one seed so far", 0: "agree within the interval"}.get(
+            outcome(check.interval), "differ (the interval excludes 0)"
+        )
+        lines.append(
+            f"- **PEFT's LoRA vs loratrf's** (r=8, all six, the same rate): {agree}: "
+            f"{interval_text(check.interval)} over {seeds_text(check)}."
+        )
+    return lines + [""]
 
 
-def plot(name: str, study: Mapping, agg: Mapping, path: Path) -> Path | None:
-    """Test accuracy of the study's methods: over rank for the rank study, else grouped bars."""
+# --- plots ------------------------------------------------------------------------------------------
+
+
+def plot(study: Study, runs: Runs, path: Path) -> Path | None:
+    """Left, test accuracy (mean ± std over seeds): over rank for `plot="rank"`, else grouped
+    bars. Right, when the study's pairs have runs, each paired difference with its 95% CI."""
     matplotlib = require("matplotlib", "matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
-    tasks = study["tasks"]
-    if name == "rank":
+    def figure(method: str, task: str, source: str) -> tuple[float, float] | None:
+        done = runs.at_rate(Method.parse(method), task)
+        if not done:
+            return None
+        mean, std = mean_std([r["test"][source] for r in done.values()])
+        return 100 * mean, 100 * (std or 0.0)
+
+    pairs = comparisons(study, runs)
+    fig, axes = plt.subplots(1, 2 if pairs else 1, figsize=(13 if pairs else 7.5, 4.6), dpi=100, squeeze=False)
+    ax = axes[0][0]
+    groups = sources(study)
+    if study.plot == "rank":
+        task, source = groups[0]
         families: dict[str, list] = {}
-        for method in study["methods"]:
-            if (method, tasks[0]) not in agg:
-                continue
-            m = Method.parse(method)
-            mean, std = agg[method, tasks[0]]["test"][TASKS[tasks[0]].tests[0]]
-            families.setdefault(re.sub(r" r=\d+", "", m.title), []).append((m.rank, mean, std or 0.0))
+        for method in study.methods:
+            if (found := figure(method, task, source)) is not None:
+                m = Method.parse(method)
+                families.setdefault(re.sub(r" r=\d+", "", m.title), []).append((m.rank, *found))
         for label, points in families.items():
             points.sort()
-            ax.errorbar(
-                [p[0] for p in points],
-                [100 * p[1] for p in points],
-                yerr=[100 * p[2] for p in points],
-                marker="o",
-                capsize=3,
-                label=label,
-            )
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted({p[0] for ps in families.values() for p in ps}))
-        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            xs, ys, es = zip(*points)
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
+        if families:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted({p[0] for ps in families.values() for p in ps}))
+            ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("rank r")
     else:
-        groups = [(t, s) for t in tasks for s in TASKS[t].tests]
-        methods = [m for m in study["methods"] if any((m, t) in agg for t in tasks)]
-        width = 0.8 / max(len(methods), 1)
-        for i, method in enumerate(methods):
-            xs, ys, es = [], [], []
-            for g, (task, source) in enumerate(groups):
-                if (method, task) in agg:
-                    mean, std = agg[method, task]["test"][source]
-                    xs.append(g + (i - (len(methods) - 1) / 2) * width)
-                    ys.append(100 * mean)
-                    es.append(100 * (std or 0.0))
-            bars = ax.bar(xs, ys, width, yerr=es, capsize=2, label=Method.parse(method).title)
-            ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=2)
-        _noise_bands(ax, methods, groups, agg)
+        width = 0.8 / max(len(study.methods), 1)
+        lows = []
+        for i, method in enumerate(study.methods):
+            bars = [(g, found) for g, (t, s) in enumerate(groups) if (found := figure(method, t, s)) is not None]
+            if not bars:
+                continue
+            xs = [g + (i - (len(study.methods) - 1) / 2) * width for g, _ in bars]
+            drawn = ax.bar(xs, [f[0] for _, f in bars], width, yerr=[f[1] for _, f in bars], capsize=2)
+            drawn.set_label(Method.parse(method).title)
+            ax.bar_label(drawn, fmt="%.1f", fontsize=6, padding=2)
+            lows += [f[0] for _, f in bars]
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels([s if t in ("transfer",) or s == t else f"{t}: {s}" for t, s in groups])
-        low = min((100 * agg[m, t]["test"][s][0] for m in methods for t, s in groups if (m, t) in agg), default=50)
-        ax.set_ylim(max(0, math.floor(low / 5) * 5 - 5), 100)
+        ax.set_xticklabels([where(t, s) for t, s in groups], fontsize=8)
+        ax.set_ylim(max(0, math.floor(min(lows, default=50) / 5) * 5 - 5), 100)
     if not ax.has_data():
         plt.close(fig)
         return None
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(study["question"].split(":")[0].split("(")[0].strip(), fontsize=10)
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    ax.set_title(study.question.split(":")[0].split("(")[0].strip(), fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="lower right")
+    if pairs:
+        _differences(axes[0][1], pairs)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -203,125 +337,112 @@ def plot(name: str, study: Mapping, agg: Mapping, path: Path) -> Path | None:
     return path
 
 
-def _noise_bands(ax, methods: list[str], groups: list[tuple[str, str]], agg: Mapping) -> None:
-    """Shade, in each group of bars, the reference method's accuracy ± the widest noise band of
-    its paired differences with the other methods there: a bar outside the shading differs from
-    the reference by more than noise. The reference is the paper's LoRA where it ran, else the
-    first method."""
-    reference = PAPER_LORA if PAPER_LORA in methods else (methods[0] if methods else None)
-    labelled = False
-    for g, (task, source) in enumerate(groups):
-        ref = agg.get((reference, task))
-        others = [agg[m, task] for m in methods if m != reference and (m, task) in agg]
-        if ref is None or not others:
-            continue
-        band = max(gap_and_band(other, ref, source)[1] for other in others)
-        mean = 100 * ref["test"][source][0]
-        label = None if labelled else f"noise band around {Method.parse(reference).title} (±{band:.1f})"
-        ax.fill_between([g - 0.45, g + 0.45], mean - band, mean + band, color="grey", alpha=0.25, zorder=3, label=label)
-        for y in (mean - band, mean + band):
-            ax.plot([g - 0.45, g + 0.45], [y, y], color="black", linestyle="--", linewidth=0.7, zorder=3)
-        labelled = True
+def _differences(ax, pairs: Sequence[Paired]) -> None:
+    """A forest plot: a row per pair, its mean difference in points and its 95% interval."""
+    for y, pair in enumerate(pairs):
+        bounds = pair.interval.bounds
+        mean = 100 * pair.interval.mean
+        error = None if bounds is None else [[mean - 100 * bounds[0]], [100 * bounds[1] - mean]]
+        colour = "tab:green" if pair.interval.resolved else "tab:grey"
+        ax.errorbar([mean], [y], xerr=error, fmt="o", capsize=3, color=colour)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(pairs)))
+    labels = [f"{Method.parse(p.first).title} − {Method.parse(p.second).title}" for p in pairs]
+    ax.set_yticklabels([f"{label}\n{where(p.task, p.source)}, {seeds_text(p)}" for label, p in zip(labels, pairs)])
+    ax.tick_params(axis="y", labelsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"first minus second, points ({100 * LEVEL:.0f}% CI over seeds; green: resolved)")
+    ax.grid(axis="x", alpha=0.3)
 
 
-def setup_lines(results: Mapping) -> list[str]:
-    t, env = results["training"], results["environment"]
-    runs = results["runs"]
-    loads = [r["load_average"] for r in runs if r.get("load_average") is not None]
+# --- the page ----------------------------------------------------------------------------------------
+
+
+def setup_lines(config: TrainingConfig, runs: Runs, seeds: Sequence[int]) -> list[str]:
+    any_run = next(iter(runs.records.values()), None)
+    test = "every sentence used neither for training nor for dev" if config.test_size is None else config.test_size
     lines = [
-        f"- model: all-MiniLM-L6-v2 (6-layer BERT, hidden 384, {runs[0]['params']['base_total']:,} parameters) "
-        "with a sequence-classification head (pooler + linear), which trains in every method"
-        if runs
-        else "",
-        (
-            f"- data per task: {t['train_size'] or 'all'} training sentences (fewer where a set is smaller), "
-            f"{t['dev_size']} dev, {t['test_size']} test (fixed split); max length {t['max_length']} tokens"
-        ),
-        f"- training: {t['epochs']} epoch{'s' * (t['epochs'] != 1)}, batch {t['batch_size']}, "
-        f"AdamW (weight decay {t['weight_decay']}), "
-        f"linear schedule with {100 * t['warmup_ratio']:.0f}% warm-up, gradient clipping {t['max_grad_norm']}"
-        + (f", at most {t['max_steps']} steps" if t["max_steps"] else ""),
-        (
-            f"- seeds: {', '.join(map(str, results['seeds']))}; figures are mean ± sample std over seeds "
-            "(no ± for a single seed); accuracy on the final model (no early stopping)"
-        ),
-        f"- machine: {env['cpus']} CPUs, {env['threads']} torch thread(s), torch {env['torch']}, "
-        f"transformers {env['transformers']}"
-        + (f"; 1-minute load average during runs {min(loads):.1f} to {max(loads):.1f}" if loads else ""),
-        *(f"- command: `{c}`" for c in results.get("commands") or [env["command"]]),
+        "- model: all-MiniLM-L6-v2 (6-layer BERT, hidden 384"
+        + (f", {any_run['params']['base_total']:,} parameters" if any_run else "")
+        + ") with a sequence-classification head (pooler + linear), which trains in every method",
+        f"- data per task: {config.train_size} training sentences, {config.dev_size} dev (fixed), test: {test}"
+        f" (fixed splits by a hash of each sentence); max length {config.max_length} tokens",
+        f"- training: {config.epochs} epoch{'s' * (config.epochs != 1)}, batch {config.batch_size}, AdamW "
+        f"(weight decay {config.weight_decay}), linear schedule with {100 * config.warmup_ratio:.0f}% warm-up, "
+        f"gradient clipping {config.max_grad_norm}"
+        + (f", at most {config.max_steps} steps" if config.max_steps else ""),
+        f"- seeds: {', '.join(map(str, seeds))}; accuracy on the final model (no early stopping)",
     ]
-    return [line for line in lines if line]
-
-
-def markdown(
-    results: Mapping,
-    figures: Mapping[str, Path | None],
-    relative_to: Path,
-    *,
-    with_findings: bool,
-    gate_pictures: tuple[Path, str] | None = None,
-) -> list[str]:
-    """The studies' sections; `gate_pictures = (folder, file-name prefix)` draws each filter
-    method's gate picture there and adds its gate statistics (gate_stats.py)."""
-    agg = aggregate(results["runs"])
-    lines: list[str] = []
-    for name, study in results["studies"].items():
-        body = table(study, agg)
-        if not body:
-            continue
-        lines += [f"### {name}", "", study["question"] + ".", ""] + body
-        if figures.get(name):
-            rel = Path(os.path.relpath(figures[name], relative_to))
-            lines += [f"![{name}]({rel.as_posix()})", ""]
-        if with_findings:
-            found = findings(name, study, agg)
-            if found:
-                lines += found + [""]
-        if gate_pictures is not None:
-            folder, prefix = gate_pictures
-            pictures = draw_study(results["runs"], list(study["methods"]), folder, prefix)
-            lines += gate_lines(results["runs"], study["methods"], pictures, relative_to)
+    if runs.tune:
+        lines.append(
+            f"- learning rates: each method's chosen on dev from its sweep at seed {SWEEP_SEED} (the sweep "
+            "tables; ties go to the lower rate), then every seed at that rate; PEFT's LoRA takes loratrf's"
+        )
+    if any_run:
+        v, m = any_run["versions"], any_run["machine"]
+        lines.append(
+            f"- software: torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}; "
+            f"machine: {m['cpus']} CPUs, {any_run['threads']} torch thread(s) per run"
+        )
     return lines
 
 
-def write_results(results: Mapping, folder: Path) -> tuple[Path, list[Path]]:
-    """`folder/results.md` and `folder/plot-<study>.png`; returns their paths."""
-    figures = {
-        name: plot(name, study, aggregate(results["runs"]), folder / f"plot-{name}.png")
-        for name, study in results["studies"].items()
-    }
-    page = ["# loratrf experiment results", ""] + setup_lines(results) + [""]
-    page += markdown(results, figures, folder, with_findings=True, gate_pictures=(folder, ""))
-    path = folder / "results.md"
-    path.write_text("\n".join(page))
-    return path, [p for p in figures.values() if p] + sorted(folder.glob("gates-*.png"))
+def at_rate(study: Study, runs: Runs) -> list[Mapping]:
+    """Every run of the study's methods and tasks at their rates."""
+    return [r for t in study.tasks for m in study.methods for r in runs.at_rate(Method.parse(m), t).values()]
 
 
-def console_table(results: Mapping, study: str) -> str:
-    """A plain table of one study for the terminal."""
-    return "\n".join(table(results["studies"][study], aggregate(results["runs"])))
+def study_section(
+    name: str, study: Study, runs: Runs, seeds: Sequence[int], page: Path, figures: Path, prefix: str
+) -> list[str]:
+    lines = [f"### {name}", "", study.question + ".", ""]
+    done, planned = study_runs(study, runs, seeds)
+    if not done:
+        return lines + [f"Not yet run ({len(planned)} runs planned): `grid --study {name}`.", ""]
+    lines += [f"{len(done)} of {len(planned)} runs done, {hours(seconds(done))} of CPU time.", ""]
+    lines += method_table(study, runs)
+    if runs.tune:
+        lines += sweep_table(study, runs)
+    lines += comparison_table(comparisons(study, runs))
+    picture = plot(study, runs, figures / f"{prefix}{name}.png")
+    if picture:
+        lines += [f"![{name}]({Path(os.path.relpath(picture, page.parent)).as_posix()})", ""]
+    records = at_rate(study, runs)
+    pictures = draw_study(records, list(study.methods), figures, prefix)
+    lines += gate_lines(records, study.methods, pictures, page.parent)
+    return lines
 
+
+STATISTICS = [
+    "## How the comparisons are made",
+    "",
+    (
+        "Every pair is compared on the same test sentences and the same seeds. For each seed the difference "
+        "of the two accuracies is taken; the table gives their mean and its 95% confidence interval, "
+        "`mean ± t(0.975, n - 1) · s / sqrt(n)` over the n seeds (s: the sample std of the differences). A "
+        "difference is *resolved* only when that interval excludes zero. Beside it, McNemar's exact test on "
+        "the pooled predictions (every sentence of every seed as a pair): b sentence-seeds only the first "
+        "method got right, c only the second, `p = min(1, 2 P(Bin(b + c, 1/2) <= min(b, c)))`; it treats "
+        "seeds as independent samples of sentences, so the interval is the verdict."
+    ),
+    "",
+]
 
 HOW_TO_RUN = [
     "## How to run",
     "",
-    "    make demo                                   # the demo study: about 13 CPU-minutes",
-    '    make demo ARGS="--seeds 0 1 2 --train-size 4000"   # longer: more seeds, more data (or --epochs)',
-    "    .venv/bin/python -m loratrf.experiments list            # tasks, studies, method specs",
-    "    .venv/bin/python -m loratrf.experiments grid --seeds 0 1 2 3 4 --out results/full   # every study",
-    "    .venv/bin/python -m loratrf.experiments grid --study rank --ranks 4 8 --seeds 0 1 2   # part of a study",
-    "    .venv/bin/python -m loratrf.experiments grid --methods lora:q,v:r8 loratrf:o,f1,f2:r4 --tasks trec nyt",
-    "    .venv/bin/python -m loratrf.experiments report results/full/results.json   # rewrites this page",
+    "    make demo                                            # the demo: 3 methods, untuned rates",
+    "    make study                                           # every study (grid --threads 1), resumed",
+    '    make study ARGS="--study headline rank"              # some studies',
+    "    make report                                          # rewrites this page from docs/results/runs",
+    "    .venv/bin/python -m loratrf.experiments list         # tasks, studies, method specs, sweeps",
     "",
     (
-        "A grid writes `results.json` after every run and resumes an interrupted or extended grid in the "
-        "same `--out` folder (the training settings must match). `--threads 1` (or `OMP_WAIT_POLICY=PASSIVE`, "
-        "which `make demo` sets) keeps a busy machine from slowing training several-fold. `report` keeps the "
-        "hand-written notes at the top of this page and regenerates everything else."
+        "`grid` writes one file per run into `docs/results/runs/` (`--out` for another folder) and skips "
+        "runs whose file exists, so the same command resumes; several grid processes may share the folder. "
+        "`report` keeps the hand-written notes at the top of this page and regenerates everything else."
     ),
 ]
-
-NOTES = ("<!-- notes: kept when the page is regenerated -->", "<!-- end of notes -->")
 
 
 def kept_notes(page: Path) -> list[str]:
@@ -333,33 +454,36 @@ def kept_notes(page: Path) -> list[str]:
     return text[start : end + len(NOTES[1])].splitlines()
 
 
-def write_docs(grids: Mapping[str, Mapping], page: Path, figures_folder: Path) -> Path:
-    """Regenerate a documentation page (docs/results.md) and its figures from results files
-    (`{name: content of a results.json}`, a section each), keeping the page's hand-written notes."""
-    lines = ["# Results: LoRATRF vs LoRA vs full fine-tuning on a real model and real data", ""]
-    lines += kept_notes(page) + [""]
-    for name, results in grids.items():
-        agg = aggregate(results["runs"])
-        figures = {
-            study: plot(study, spec, agg, figures_folder / f"{name}-{study}.png")
-            for study, spec in results["studies"].items()
-        }
-        lines += [f"## {name}", ""] + setup_lines(results) + [""]
-        lines += markdown(results, figures, page.parent, with_findings=True, gate_pictures=(figures_folder, f"{name}-"))
-    lines += [
-        "## Noise bands",
-        "",
-        (
-            "A gap between two methods is called *within noise* when it is smaller than two standard errors. "
-            "The test set's standard error is paired where the runs recorded which sentences they got right "
-            "(the standard deviation of the per-sentence difference over sqrt(n)) and otherwise that of two "
-            "independent accuracies, `100 sqrt(2 p (1 - p) / n)` points "
-            f"({noise(0.8, 1000):.1f} at 80% on 1,000 sentences); with several seeds, the seeds' "
-            "standard error of the difference of the means adds in quadrature."
-        ),
-        "",
-    ]
-    lines += HOW_TO_RUN
+def write_page(
+    runs: Runs,
+    chosen: Mapping[str, Study],
+    config: TrainingConfig,
+    seeds: Sequence[int],
+    page: Path,
+    figures: Path,
+    *,
+    title: str,
+    claims: bool = True,
+    prefix: str = "",
+) -> Path:
+    """Render `page` (keeping its notes) and its figures (`figures/<prefix><study>.png`, gate
+    pictures) from `runs`; `claims` adds the paper's claims and the compute table."""
+    lines = [f"# {title}", ""] + kept_notes(page) + ["", "## Set-up", ""] + setup_lines(config, runs, seeds) + [""]
+    if claims:
+        ranks = sorted({Method.parse(m).rank for m in chosen["rank"].methods}) if "rank" in chosen else []
+        modules = chosen["module"].methods if "module" in chosen else ()
+        lines += claim_lines(runs, ranks, modules)
+    lines += ["## Compute", ""] + compute_lines(chosen, runs, seeds)
+    lines += ["## Studies", ""]
+    for name, study in chosen.items():
+        lines += study_section(name, study, runs, seeds, page, figures, prefix)
+    lines += STATISTICS + HOW_TO_RUN
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text("\n".join(lines).rstrip() + "\n")
     return page
+
+
+def console_table(study: Study, runs: Runs) -> str:
+    """A study's method and comparison tables and its filters' gates, for the terminal."""
+    tables = method_table(study, runs) + comparison_table(comparisons(study, runs))
+    return "\n".join(tables + [console_gates(at_rate(study, runs), study.methods)])

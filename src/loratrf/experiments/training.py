@@ -24,9 +24,9 @@ from loratrf.experiments.progress import Progress
 class TrainingConfig:
     """How much data and training; the same for every method of a run."""
 
-    train_size: int | None = 2000  # None: every training sentence
+    train_size: int = 2000
     dev_size: int = 500
-    test_size: int = 1000
+    test_size: int | None = None  # None: every sentence used neither for training nor for dev
     epochs: int = 3
     batch_size: int = 32
     max_length: int = 64  # tokens, [CLS] and [SEP] included

@@ -1,7 +1,7 @@
 """The end-to-end story on a small torch model, in a few seconds on a CPU.
 
 inject -> train until the loss falls -> merge (outputs agree) -> save the adapter ->
-load it into a fresh base model (outputs agree). Run: `python -m loratrf.experiments.story`.
+load it into a fresh base model (outputs agree). Run: `python examples/story.py` (`make story`).
 """
 
 from __future__ import annotations
