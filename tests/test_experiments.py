@@ -837,7 +837,8 @@ def test_pefts_lora_is_built_like_loratrfs_and_computes_the_same_function():
     ours, theirs = tiny_bert(), tiny_bert()
     prepare(ours, Method.parse("lora:v,f1,f2:r4"))
     prepare(theirs, Method.parse("lora:v,f1,f2:r4:peft"))
-    assert loratrf.summary(ours) == loratrf.summary(theirs)
+    counts = ("lora", "filter", "other", "base_total", "dora")  # (PEFT's model names no loratrf adapter)
+    assert [getattr(loratrf.summary(ours), c) for c in counts] == [getattr(loratrf.summary(theirs), c) for c in counts]
     peft_layers = {n.removesuffix(".lora_A"): m for n, m in theirs.named_modules() if n.endswith(".lora_A")}
     loratrf_layers = {n: m for n, m in ours.named_modules() if isinstance(m, loratrf.LoRALinear)}
     assert len(peft_layers) == len(loratrf_layers) == 2 * 3
