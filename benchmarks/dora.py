@@ -13,7 +13,6 @@ Needs PEFT (`pip install -e ".[bench]"`); without it only loratrf's layers run.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 
@@ -22,7 +21,7 @@ from torch import nn
 
 from cases import ALPHA, forward_backward, installed, trained, version
 from loratrf import LoRALinear
-from timing import cpu_model, interleaved, quartiles
+from timing import cpu_model, interleaved, layer_arguments, quartiles
 
 
 def layers(base: nn.Linear, rank: int) -> dict[str, nn.Module]:
@@ -57,11 +56,7 @@ def layers(base: nn.Linear, rank: int) -> dict[str, nn.Module]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--shape", type=int, nargs=3, default=[8, 512, 768], metavar=("BATCH", "SEQ", "D"))
-    parser.add_argument("--rank", type=int, default=8)
+    parser = layer_arguments(__doc__, rounds=30, shape=(8, 512, 768))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

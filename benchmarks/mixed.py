@@ -13,7 +13,6 @@ percentiles, and the CPU model and torch's thread count. Needs PEFT for its rows
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
@@ -21,7 +20,7 @@ from torch import nn
 
 import loratrf
 from cases import ALPHA, forward_only, installed, trained, version
-from timing import cpu_model, interleaved
+from timing import cpu_model, interleaved, layer_arguments
 
 ADAPTERS = ("a", "b", "c", "d")
 
@@ -51,12 +50,8 @@ def peft_model(base: nn.Module, rank: int) -> nn.Module:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--shape", type=int, nargs=3, default=[16, 128, 768], metavar=("BATCH", "SEQ", "D"))
+    parser = layer_arguments(__doc__, rounds=20, shape=(16, 128, 768))
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--rank", type=int, default=8)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

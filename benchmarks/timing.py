@@ -3,6 +3,7 @@ hit all methods alike, and each method's time is compared with the baseline's in
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
 import gc
@@ -109,3 +110,13 @@ def cpu_model() -> str:
     except OSError:
         pass
     return f"{cpu} ({os.cpu_count()} CPUs)"
+
+
+def layer_arguments(doc: str, rounds: int, shape: tuple[int, int, int]) -> argparse.ArgumentParser:
+    """The options of a single-script benchmark: --rounds, --threads, --shape BATCH SEQ D, --rank."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--shape", type=int, nargs=3, default=list(shape), metavar=("BATCH", "SEQ", "D"))
+    parser.add_argument("--rank", type=int, default=8)
+    return parser
