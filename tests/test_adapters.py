@@ -3,6 +3,8 @@ saving and loading under names, deleting, and the exact weighted combination of 
 Whole-model comparisons run in float64 (float32 sums round differently across CPUs)."""
 
 import copy
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,6 +78,28 @@ def test_switching_is_exact_and_none_is_the_base_model():
     assert torch.equal(alone(model, "default", ids), a) and torch.equal(alone(model, "b", ids), b)
     assert torch.equal(alone(model, None, ids), expected)
     assert not any(p.requires_grad for p in model.parameters())
+
+
+@given(order=st.lists(st.sampled_from([None, *NAMES]), min_size=1, max_size=8), seed=st.integers(0, 3))
+def test_any_sequence_of_switches_is_exact(order, seed):
+    """Whatever came before, adapter `name` computes bitwise what it computed the first time it
+    ran, and that is what the base model with that adapter alone computes (from its file); None
+    computes the base model exactly; only the active adapter's tensors train."""
+    torch.manual_seed(seed)
+    base = Net().double().eval()
+    model = adapted(seed=seed)
+    seen = {None: base(ids)}
+    for name in order:
+        out = alone(model, name, ids)
+        if name not in seen:
+            with tempfile.TemporaryDirectory() as folder:
+                loratrf.save_adapter(model, Path(folder) / "a.safetensors", adapter=name)
+                single = copy.deepcopy(base)
+                loratrf.load_adapter(single, Path(folder) / "a.safetensors")
+            torch.testing.assert_close(out, single(ids), rtol=1e-12, atol=1e-12)
+        assert torch.equal(out, seen.setdefault(name, out)), name
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable == ({n for n, _ in loratrf.walk.named_adapter_parameters(model, name)} if name else set())
 
 
 def test_only_the_active_adapter_trains_and_trainable_base_parameters_stay():
