@@ -22,7 +22,7 @@ import loratrf
 from cases import ALPHA, forward_only, installed, trained, version
 from timing import cpu_model, interleaved, layer_arguments
 
-ADAPTERS = ("a", "b", "c", "d")
+ADAPTERS = ("task0", "task1", "task2", "task3")  # PEFT warns of names inside its "lora_" prefix
 
 
 def stack(d: int, layers: int) -> nn.Sequential:
