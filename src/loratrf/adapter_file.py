@@ -25,11 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from loratrf.config import DEFAULT_ADAPTER, Plan, check_adapter_name
-from loratrf.errors import AdapterError, AdapterFileError, InjectionError, MergeError
+from loratrf.errors import AdapterFileError, InjectionError, MergeError
 from loratrf.filter import FILTER_NAME, TaskAwareFilter, filter_of
 from loratrf.inject import apply_plan, engine_problem, named_candidates
 from loratrf.lora import LoRALinear, is_conv1d, parts_spec
-from loratrf.walk import adapter_names, adapter_parameters, named_adapter_parameters, named_filters, unwrap
+from loratrf.walk import adapter_parameters, check_held, named_adapter_parameters, named_filters, unwrap
 
 FORMAT = "loratrf-adapter"
 VERSION = 2
@@ -45,7 +45,7 @@ def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str
     tensors, a collective: every rank must call this.
     """
     if adapter is not None:
-        _check_held(model, adapter)
+        check_held(model, [adapter])
     params = {
         found.key if adapter is None else found.file_key: found.parameter
         for found in adapter_parameters(model)
@@ -59,15 +59,6 @@ def _trainable_base(model: nn.Module) -> dict[str, nn.Parameter]:
     """The trainable parameters that belong to no adapter (`inject(trainable=...)`'s)."""
     adapters = {id(p) for _, p in named_adapter_parameters(model)}
     return {n: p for n, p in unwrap(model).named_parameters() if p.requires_grad and id(p) not in adapters}
-
-
-def _check_held(model: nn.Module, adapter: str) -> None:
-    names = adapter_names(model)
-    if adapter not in names:
-        raise AdapterError(
-            f"the model holds no adapter named {adapter!r}; its adapters are {names}"
-            + ("" if names else " (call loratrf.inject first)")
-        )
 
 
 def adapter_plan(model: nn.Module, adapter: str = DEFAULT_ADAPTER) -> Plan:

@@ -19,17 +19,7 @@ from loratrf.inject import activate, parent_map, sync_fused_encoder_paths
 from loratrf.lora import SWITCH_WHILE_MERGED, LoRALinear
 from loratrf.merging import put_back_base_module
 from loratrf.rows import AdapterRows
-from loratrf.walk import active_adapter, adapter_names, adapter_parameters, named_lora_layers, unwrap
-
-
-def _check_held(root: nn.Module, names: Sequence[str | None]) -> None:
-    held = adapter_names(root)
-    unknown = [n for n in dict.fromkeys(names) if n is not None and n not in held]
-    if unknown:
-        raise AdapterError(
-            f"the model holds no adapter named {', '.join(map(repr, unknown))}; its adapters are {held}"
-            + ("" if held else " (loratrf.inject adds one)")
-        )
+from loratrf.walk import active_adapter, adapter_names, adapter_parameters, check_held, named_lora_layers, unwrap
 
 
 def _refuse_merged(root: nn.Module, what: str) -> None:
@@ -44,7 +34,7 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
     A module that does not hold adapter `name` computes its base. Refused while the model is
     merged, unless `name` is already active."""
     root = unwrap(model)
-    _check_held(root, [name])
+    check_held(root, [name])
     if name != active_adapter(root):
         _refuse_merged(root, f"switch to adapter {name!r}")
     activate(root, name)
@@ -64,7 +54,7 @@ def use_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[None
     if isinstance(names, str) or not isinstance(names, Sequence):
         raise AdapterError(f"use_adapters takes a sequence of adapter names (or None), one per row; got {names!r}")
     root = unwrap(model)
-    _check_held(root, names)
+    check_held(root, names)
     _refuse_merged(root, "run one adapter per row")
     rows = AdapterRows(names)
     routed = []  # (object with `rows`, what it had)
@@ -91,7 +81,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     module it wrapped again (as `unload` makes it). Deleting the active adapter leaves none
     active: the model computes its base until `set_adapter`. Refused while it is merged."""
     root = unwrap(model)
-    _check_held(root, [name])
+    check_held(root, [name])
     if name == active_adapter(root):
         _refuse_merged(root, f"delete the merged adapter {name!r}")
     parents = parent_map(root)
@@ -121,7 +111,7 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], name: str) 
         raise AdapterError(
             f"combine_adapters takes a mapping of adapter names to weights, {{'a': 0.5}}; got {weights!r}"
         )
-    _check_held(root, list(weights))
+    check_held(root, list(weights))
     if name in adapter_names(root):
         raise AdapterError(
             f"the model already holds an adapter named {name!r}; choose another name for the combination"

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 from torch import nn
 
 from loratrf._torch_internals import compiled_original
-from loratrf.errors import InjectionError
+from loratrf.errors import AdapterError, InjectionError
 from loratrf.config import DEFAULT_ADAPTER
 from loratrf.filter import FILTER_NAME, TaskAwareFilter, filter_dispatch, filter_names, filter_of
 from loratrf.lora import LoRALinear, parts_parameters
@@ -76,6 +76,17 @@ def named_adapter_parameters(model: nn.Module, adapter: str | None = None) -> It
 def adapter_names(model: nn.Module) -> list[str]:
     """The names of the model's adapters, in module order."""
     return list(dict.fromkeys(found.adapter for found in adapter_parameters(model)))
+
+
+def check_held(model: nn.Module, names: Sequence[str | None]) -> None:
+    """Refuse any of `names` (None: the base model, always held) that the model holds no adapter of."""
+    held = adapter_names(model)
+    unknown = [n for n in dict.fromkeys(names) if n is not None and n not in held]
+    if unknown:
+        raise AdapterError(
+            f"the model holds no adapter named {', '.join(map(repr, unknown))}; its adapters are {held}"
+            + ("" if held else " (loratrf.inject adds one)")
+        )
 
 
 def active_adapter(model: nn.Module) -> str | None:
