@@ -51,11 +51,11 @@ def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str
         for found in adapter_parameters(model)
         if adapter is None or found.adapter == adapter
     }
-    params.update(_trainable_base(model))
+    params.update(trainable_base_parameters(model))
     return {name: full_tensor(p.detach()) for name, p in params.items()}
 
 
-def _trainable_base(model: nn.Module) -> dict[str, nn.Parameter]:
+def trainable_base_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The trainable parameters that belong to no adapter (`inject(trainable=...)`'s)."""
     adapters = {id(p) for _, p in named_adapter_parameters(model)}
     return {n: p for n, p in unwrap(model).named_parameters() if p.requires_grad and id(p) not in adapters}
@@ -69,7 +69,7 @@ def adapter_plan(model: nn.Module, adapter: str = DEFAULT_ADAPTER) -> Plan:
         if isinstance(module, LoRALinear) and (parts := module.parts(adapter)) is not None:
             lora[name] = parts_spec(parts)
     filters = {host: task_filter.spec for host, task_filter in named_filters(root, adapter)}
-    return Plan(lora, filters, tuple(_trainable_base(root)))
+    return Plan(lora, filters, tuple(trainable_base_parameters(root)))
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAULT_ADAPTER) -> None:

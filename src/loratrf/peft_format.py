@@ -32,12 +32,12 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from loratrf.adapter_file import full_tensor, write_atomically
+from loratrf.adapter_file import full_tensor, trainable_base_parameters, write_atomically
 from loratrf.config import DEFAULT_ADAPTER, LoRASpec, Plan
 from loratrf.errors import AdapterFileError, InjectionError
 from loratrf.inject import SUPPORTED_TARGETS, apply_plan, engine_problem, named_candidates
 from loratrf.lora import LoRAAdapter, LoRALinear, is_conv1d
-from loratrf.walk import named_adapter_parameters, named_filters, named_lora_layers, unwrap
+from loratrf.walk import named_filters, named_lora_layers, unwrap
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -451,8 +451,7 @@ def _target_modules(root: nn.Module, names: list[str]) -> list[str] | str:
 
 def _refuse_what_peft_cannot_hold(root: nn.Module, adapter: str) -> None:
     hosts = [host or "(the model itself)" for host, _ in named_filters(root, adapter)]
-    adapter = {name for name, _ in named_adapter_parameters(root)}
-    trainable = [n for n, p in root.named_parameters() if p.requires_grad and n not in adapter]
+    trainable = list(trainable_base_parameters(root))
     held = []
     if hosts:
         held.append(f"task-aware filters (on {', '.join(map(repr, hosts))})")
