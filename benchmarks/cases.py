@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 import loratrf
-from loratrf import LoRALinear, TaskAwareFilter
+from loratrf import LoRALinear, TaskAwareFilter, kernels
 
 ALPHA = 16.0
 
@@ -124,6 +124,46 @@ def lora_flop_limit(d_in: int, d_out: int, rank: int, backward: bool) -> float:
     return 1 + update / base
 
 
+ADDED = "loratrf's added kernels alone"
+ADDED_TITLE = "the kernels loratrf adds, each alone with its operands in cache"
+
+
+def added_kernels(layers: Sequence[LoRALinear], n_rows: int) -> Callable[[], None]:
+    """The kernels `kernels.LoRALinearFunction` adds to each frozen layer of `layers` in one
+    forward + backward, each run alone on operands that stay in cache (one random `x [n_rows,
+    in]` and `g [n_rows, out]` per layer shape): the rank-r products `x U`, `g Vᵀ`, `zᵀ g` and
+    `gzᵀ x`, and `W0 + scale · B A` twice where the update is folded into the weight, else the
+    update added onto the output and onto the input's gradient. Their time over the baseline's
+    is the least overhead these kernels allow, however well everything else runs."""
+    operands = {}
+    for layer in layers:
+        shape = (layer.in_features, layer.out_features)
+        if shape not in operands:
+            operands[shape] = [torch.randn(n_rows, d) for d in (*shape, shape[1], shape[0])]
+
+    def run() -> None:
+        with torch.no_grad():
+            for layer in layers:
+                x, g, y, grad_x = operands[(layer.in_features, layer.out_features)]
+                U, V, scale, W = layer.lora.U, layer.lora.V, layer.lora.scale, layer.weight
+                fuse = kernels.fuse_effective_weight(n_rows, layer.in_features, layer.out_features)
+                A = U.T.contiguous()
+                z = kernels.project(x, A)  # forward
+                if fuse:
+                    kernels.expand(W, V.T.contiguous(), A, scale)
+                else:
+                    kernels.expand(y, z, V, scale, inplace=True)
+                gz = kernels.project(g, V).mul_(scale)  # backward
+                kernels.mm_t(z.T, g.T).mul_(scale)
+                if fuse:
+                    kernels.expand(W, V.T.contiguous(), A, scale)
+                else:
+                    kernels.expand(grad_x, gz, A, 1.0, inplace=True)
+                kernels.mm_t(gz.T, x.T)
+
+    return run
+
+
 # --- the task-aware filter and a Transformer layer ----------------------------------------
 
 
@@ -187,8 +227,9 @@ def saved_bytes(fn: Callable[[], object], exclude: tuple[torch.Tensor, ...] = ()
 
 MINILM = {"layers": 6, "d": 384, "ffn": 1536}
 FLOOR = "floor: rank-1 adapter on layer 0's query"
+LORA_SIX = "loratrf LoRA r=8 (all six)"
 MINILM_SPECS = {  # loratrf.experiments method specs (all train BERT's pooler and classifier)
-    "loratrf LoRA r=8 (all six)": "lora:all:r8",
+    LORA_SIX: "lora:all:r8",
     "loratrf LoRATRF r=8 (v,f1,f2 + filters)": "loratrf:v,f1,f2:r8",
 }
 PEFT_TARGETS = (

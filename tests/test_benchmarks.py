@@ -4,6 +4,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from loratrf import LoRALinear, kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -20,6 +23,7 @@ def test_quick_run_writes_every_table_and_the_goals(tmp_path):
         "LoRALinear unmerged, forward + backward, dense output gradient",
         "LoRALinear unmerged, forward + backward, `.sum()`'s expanded (stride-0) gradient",
         "LoRALinear unmerged, forward only",
+        "LoRALinear: the kernels loratrf adds, each alone",
         "LoRALinear merged",
         "TaskAwareFilter forward + backward",
         "TaskAwareFilter forward only",
@@ -31,9 +35,32 @@ def test_quick_run_writes_every_table_and_the_goals(tmp_path):
         assert title in report, title
     if cases.minilm_available() is None:
         assert "all-MiniLM-L6-v2 fine-tuning step" in report and "MiB" in report
+        assert f"all-MiniLM-L6-v2 step, {cases.LORA_SIX}: the kernels loratrf adds" in report
     assert "| x=[2,16,48], 48->48, r=8 | loratrf |" in report
     assert run.cpu_model() in report and "default malloc" in report
     assert plot.exists() == cases.installed("matplotlib")
+
+
+@pytest.mark.parametrize("n_rows", [64, 4])  # the update folded into the weight, and added to the output
+def test_added_kernels_are_the_products_the_layer_runs(monkeypatch, n_rows):
+    layer = LoRALinear(16, 24, rank=4)
+    cases.trained(layer.lora.V)
+    calls = []
+    for name in ("mm_t", "add_low_rank"):  # every rank-r product and effective weight goes through these
+        choice = getattr(kernels, name)
+
+        def counted(*args, _choice=choice, _name=name):
+            calls.append((_name, *(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))))
+            return _choice(*args)
+
+        monkeypatch.setattr(kernels, name, counted)
+    x = torch.randn(n_rows, 16, requires_grad=True)
+    layer(x).backward(torch.randn(n_rows, 24))
+    in_the_layer = sorted(calls)
+    calls.clear()
+    cases.added_kernels([layer], n_rows)()
+    assert sorted(calls) == in_the_layer
+    assert len(in_the_layer) == (6 if n_rows == 64 else 4)
 
 
 def test_flop_limits_match_hand_counts():

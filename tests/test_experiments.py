@@ -822,6 +822,10 @@ def test_the_report_answers_the_claims_with_intervals_and_says_what_is_not_yet_r
     module = text.split("### module")[1].split("###")[0]  # v,f1,f2 done (headline): 3 rates + 2 seeds of 6 x 5
     assert "| LoRATRF r=24 (q,v + filters r=8) | sweep not finished |" in module and "5 of 30 runs done" in module
     assert "**0.003: 60.0**" in text and "**0.001: 60.0**" in text  # the sweeps, with the choices
+    # the fake trainer's dev accuracy is best at 0.003 (the sweep's top) for LoRATRF, at 0.001 for LoRA
+    edge = f"0.0003: 50.0 · 0.001: 50.0 · **0.003: 60.0**{report.EDGE} |"
+    assert f"| LoRATRF r=8 (v,f1,f2 + filters) | movies | {edge}" in text
+    assert "| LoRA r=8 (q,k,v,o,f1,f2) | movies | 0.0003: 50.0 · **0.001: 60.0** · 0.003: 50.0 |" in text
     assert (tmp_path / "docs" / "results" / "headline.png").stat().st_size > 1000
     assert (tmp_path / "docs" / "results" / "rank.png").stat().st_size > 1000
 

@@ -25,6 +25,7 @@ from loratrf.experiments.studies import PAPER_LORA, PAPER_LORATRF, Study
 from loratrf.experiments.training import TrainingConfig
 
 NOTES = ("<!-- notes: kept when the page is regenerated -->", "<!-- end of notes -->")
+EDGE = " (best at the sweep's edge)"  # a sweep row whose chosen rate is its lowest or highest
 
 
 def percent(values: Sequence[float]) -> str:
@@ -104,7 +105,8 @@ def method_table(study: Study, runs: Runs) -> list[str]:
 
 
 def sweep_table(study: Study, runs: Runs) -> list[str]:
-    """Each swept method's dev accuracy at every rate of its sweep, the chosen rate in bold."""
+    """Each swept method's dev accuracy at every rate of its sweep, the chosen rate in bold, and
+    a mark where that is the sweep's lowest or highest rate (a wider sweep might do better)."""
     lines = ["| method | tuned on | dev acc at each learning rate (seed 0) |", "|---|---|---|"]
     for task in dict.fromkeys(TASKS[t].train for t in study.tasks):
         for spec in study.methods:
@@ -116,7 +118,8 @@ def sweep_table(study: Study, runs: Runs) -> list[str]:
             for lr, run in sweep.items():
                 text = f"{lr:g}: " + ("-" if run is None else f"{100 * run['dev']:.1f}")
                 cells.append(f"**{text}**" if lr == chosen else text)
-            lines.append(f"| {method.title} | {task} | {' · '.join(cells)} |")
+            edge = chosen is not None and chosen in (min(sweep), max(sweep))
+            lines.append(f"| {method.title} | {task} | {' · '.join(cells)}{EDGE if edge else ''} |")
     return lines + [""] if len(lines) > 2 else []
 
 
@@ -376,7 +379,8 @@ def setup_lines(config: TrainingConfig, runs: Runs, seeds: Sequence[int]) -> lis
     if runs.tune:
         lines.append(
             f"- learning rates: each method's chosen on dev from its sweep at seed {SWEEP_SEED} (the sweep "
-            "tables; ties go to the lower rate), then every seed at that rate; PEFT's LoRA takes loratrf's"
+            "tables; ties go to the lower rate), then every seed at that rate; PEFT's LoRA takes loratrf's. "
+            f"A sweep marked{EDGE} chose its lowest or highest rate, so a wider sweep might find a better one"
         )
     if any_run:
         v, m = any_run["versions"], any_run["machine"]
