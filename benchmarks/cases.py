@@ -125,7 +125,7 @@ def lora_flop_limit(d_in: int, d_out: int, rank: int, backward: bool) -> float:
 
 
 ADDED = "loratrf's added kernels alone"
-ADDED_TITLE = "the kernels loratrf adds, each alone with its operands in cache"
+ADDED_TITLE = "the added kernels alone (in cache)"
 
 
 def added_kernels(layers: Sequence[LoRALinear], n_rows: int) -> Callable[[], None]:

@@ -89,9 +89,7 @@ def lora_tables(shape: Shape) -> list[Table]:
     fwd = Table("lora_fwd", "LoRALinear unmerged, forward only (inference, no grad)", "ratio", base)
     merged = Table("lora_merged", "LoRALinear merged, forward only (eval, no grad)", "ratio", base)
     saved = Table("lora_saved", "LoRALinear, memory saved for backward (over |x|)", "saved", "")
-    added = Table(
-        "lora_kernels", f"LoRALinear: {cases.ADDED_TITLE}, % of the frozen layer's forward + backward", "percent", base
-    )
+    added = Table("lora_kernels", f"LoRALinear: {cases.ADDED_TITLE}, % of nn.Linear's fwd+bwd", "percent", base)
     for d in shape.lora_dims:
         torch.manual_seed(0)
         base_layer = torch.nn.Linear(d, d).requires_grad_(False)
@@ -181,7 +179,7 @@ def minilm_tables(shape: Shape, threads: int) -> list[Table]:
     for name, timing in timings.items():
         step.rows.append(Row(case, name, timing, limit=cases.minilm_flop_limit(name, seq)))
     lora = cases.LORA_SIX
-    title = f"all-MiniLM-L6-v2 step, {lora}: {cases.ADDED_TITLE}, % of the floor's step"
+    title = f"MiniLM step, LoRA r=8 (all six): {cases.ADDED_TITLE}, % of the floor"
     added = Table("minilm_kernels", title, "percent", cases.FLOOR)
     layers = [m for m in models[lora].modules() if isinstance(m, LoRALinear)]
     kernel_steps = {cases.FLOOR: steps[cases.FLOOR], cases.ADDED: cases.added_kernels(layers, batch * seq)}
@@ -495,7 +493,7 @@ def draw(tables: list[Table], path: Path) -> bool:
         if table.unit == "percent":
             if table.key == "filter_fb":
                 ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="goal: 1 %")
-            ax.set_ylabel("% of one encoder layer's time")
+            ax.set_ylabel(f"% of {table.baseline}", fontsize=8)
         else:
             ax.axhline(1.0, color="grey", linewidth=0.8)
             ax.set_ylabel(f"time / {table.baseline}", fontsize=8)

@@ -23,7 +23,7 @@ def test_quick_run_writes_every_table_and_the_goals(tmp_path):
         "LoRALinear unmerged, forward + backward, dense output gradient",
         "LoRALinear unmerged, forward + backward, `.sum()`'s expanded (stride-0) gradient",
         "LoRALinear unmerged, forward only",
-        "LoRALinear: the kernels loratrf adds, each alone",
+        f"LoRALinear: {cases.ADDED_TITLE}",
         "LoRALinear merged",
         "TaskAwareFilter forward + backward",
         "TaskAwareFilter forward only",
@@ -35,7 +35,7 @@ def test_quick_run_writes_every_table_and_the_goals(tmp_path):
         assert title in report, title
     if cases.minilm_available() is None:
         assert "all-MiniLM-L6-v2 fine-tuning step" in report and "MiB" in report
-        assert f"all-MiniLM-L6-v2 step, {cases.LORA_SIX}: the kernels loratrf adds" in report
+        assert f"MiniLM step, LoRA r=8 (all six): {cases.ADDED_TITLE}" in report
     assert "| x=[2,16,48], 48->48, r=8 | loratrf |" in report
     assert run.cpu_model() in report and "default malloc" in report
     assert plot.exists() == cases.installed("matplotlib")

@@ -472,6 +472,10 @@ def test_filter_function_equals_the_papers_equations_and_their_gradients(dim, ra
     g = torch.randn_like(want)
     for a, e in zip(torch.autograd.grad(got, (h, t, U, V), g), torch.autograd.grad(want, (h, t, U, V), g)):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # the forward alone, without the Function: the same code, bit for bit
+        assert torch.equal(task_filter(h, t, U, V, scale, cosine, 1e-8), got)
+    alone = task_filter(*(x.detach() for x in (h, t, U, V)), scale, cosine, 1e-8)  # nothing to differentiate
+    assert alone.grad_fn is None and torch.equal(alone, got)
 
 
 @pytest.mark.parametrize("cosine", [True, False])

@@ -25,9 +25,9 @@ the operands' layout (on a stride-0 operand oneDNN's took 300x as long). Where b
 (eager float32 on CPU) the faster is chosen by timing both on the first call of each shape
 class and layout (sizes rounded up to a power of two), and cached (`KernelChoice`,
 `kernel_choices`). `torch.use_deterministic_algorithms(True)`, `torch.backends.mkldnn.enabled
-= False` and `torch.compile` use ATen's alone; `use_kernels` forces one. Inputs and gradients whose strides no kernel reads well (a stride of 0, as in the
-gradient `.sum()` hands back, or no unit stride) are copied once to rows first (`rows`), as
-ATen's own matrix product does.
+= False` and `torch.compile` use ATen's alone; `use_kernels` forces one. Inputs and gradients
+whose strides no kernel reads well (a stride of 0, as in the gradient `.sum()` hands back, or
+no unit stride) are copied once to rows first (`rows`), as ATen's own matrix product does.
 """
 
 from __future__ import annotations
@@ -121,10 +121,13 @@ def task_filter(
     affine: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """The filter `h + scale · (s ⊙ (h U)) V` with `s = relevance(h, t, affine)`: through
-    `TaskFilterFunction` where `fast_path_applies` (the paper's gate, `affine=None`), else the
-    plain formula. Shapes: `h [..., d]`, `t [d]`, `U [d, r]`, `V [r, d]`; `affine` the scalars `(a, b)`."""
+    `TaskFilterFunction` where `fast_path_applies` (the paper's gate, `affine=None`; its
+    forward alone when nothing needs a gradient), else the plain formula. Shapes: `h [..., d]`,
+    `t [d]`, `U [d, r]`, `V [r, d]`; `affine` the scalars `(a, b)`."""
     if affine is None and fast_path_applies(h, t, U, V):
-        return TaskFilterFunction.apply(h, t, U, V, scale, cosine, eps)
+        if torch.is_grad_enabled() and any(x.requires_grad for x in (h, t, U, V)):
+            return TaskFilterFunction.apply(h, t, U, V, scale, cosine, eps)
+        return unviewed(_filter_forward(rows(h), t, U, V, scale, cosine, eps)[0], h.shape)
     return low_rank(h, U, V, scale, gate=relevance(h, t, cosine, eps, affine).unsqueeze(-1), residual=h)
 
 
@@ -458,6 +461,19 @@ class LoRALinearFunction(torch.autograd.Function):
 # --- the task-aware filter -----------------------------------------------------------------
 
 
+def _filter_forward(
+    h2: Tensor, t: Tensor, U: Tensor, V: Tensor, scale: float, cosine: bool, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """`out = h + scale · (s ⊙ (h U)) V` on rows `h2 [N, d]`; also `M = [U | t]ᵀ [r + 1, d]`,
+    `P = h M [N, r + 1]` and `|h| [N]` (None for the dot product), what backward needs."""
+    r = U.shape[1]
+    M = torch.cat([U.T, t.unsqueeze(0)])  # [r + 1, d]
+    P = project(h2, M)  # [N, r + 1]: h U | h·t
+    n = torch.linalg.vector_norm(h2, dim=-1) if cosine else None
+    s = score(P[:, r], n, t, cosine, eps)[0].clamp(0.0, 1.0)
+    return expand(h2, P[:, :r] * s.unsqueeze(-1), V, scale), M, P, n
+
+
 class TaskFilterFunction(torch.autograd.Function):
     """`out = h + scale · (s ⊙ (h U)) V` with `s = clamp(q, 0, 1)` from `score`.
 
@@ -467,13 +483,8 @@ class TaskFilterFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, t, U, V, scale: float, cosine: bool, eps: float):
-        r = U.shape[1]
         h2 = rows(h)
-        M = torch.cat([U.T, t.unsqueeze(0)])  # [r + 1, d]
-        P = project(h2, M)  # [N, r + 1]: h U | h·t
-        n = torch.linalg.vector_norm(h2, dim=-1) if cosine else None
-        s = score(P[:, r], n, t, cosine, eps)[0].clamp(0.0, 1.0)
-        out = expand(h2, P[:, :r] * s.unsqueeze(-1), V, scale)
+        out, M, P, n = _filter_forward(h2, t, U, V, scale, cosine, eps)
         ctx.save_for_backward(h2, t, M, V, P, n)
         ctx.scale, ctx.cosine, ctx.eps, ctx.h_shape = scale, cosine, eps, h.shape
         return unviewed(out, h.shape)
