@@ -130,11 +130,12 @@ ADDED_TITLE = "the added kernels alone (in cache)"
 
 def added_kernels(layers: Sequence[LoRALinear], n_rows: int) -> Callable[[], None]:
     """The kernels `kernels.LoRALinearFunction` adds to each frozen layer of `layers` in one
-    forward + backward, each run alone on operands that stay in cache (one random `x [n_rows,
-    in]` and `g [n_rows, out]` per layer shape): the rank-r products `x U`, `g Vᵀ`, `zᵀ g` and
-    `gzᵀ x`, and `W0 + scale · B A` twice where the update is folded into the weight, else the
-    update added onto the output and onto the input's gradient. Their time over the baseline's
-    is the least overhead these kernels allow, however well everything else runs."""
+    forward + backward, each run alone on operands reused from call to call (one random `x
+    [n_rows, in]` and `g [n_rows, out]` per layer shape, in cache where they fit): the rank-r
+    products `x U`, `g Vᵀ`, `zᵀ g` and `gzᵀ x`, and `W0 + scale · B A` twice where the update is
+    folded into the weight, else the update added onto the output and onto the input's gradient.
+    Their time over the baseline's estimates the least overhead these kernels allow, however
+    well everything else runs."""
     operands = {}
     for layer in layers:
         shape = (layer.in_features, layer.out_features)

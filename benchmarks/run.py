@@ -238,9 +238,11 @@ METHOD = """\
 - **Added kernels alone.** `cases.added_kernels` runs only what loratrf's LoRA layer adds to
   the frozen map in one forward + backward: the four rank-r products, and the effective weight
   formed twice (or, where the update is not folded into the weight, the update added onto the
-  output and onto the input's gradient), each kernel on operands kept in cache, timed
-  interleaved with the baseline. It is the least overhead these kernels allow, however well
-  the rest runs: a goal below it needs fewer or fused kernels, not a better schedule of these.
+  output and onto the input's gradient), each kernel on operands reused from call to call (in
+  cache where they fit), timed interleaved with the baseline. It estimates the least overhead
+  these kernels allow, however well the rest runs (an estimate: it is measured against its own
+  rounds of the baseline, within the spreads shown): a goal well below it needs fewer or fused
+  kernels, not a better schedule of these.
 - **Saved for backward.** Bytes of the tensors autograd keeps (counted with
   `torch.autograd.graph.saved_tensors_hooks`, each storage once, parameters not counted), over
   the bytes of the layer's input.
