@@ -151,13 +151,13 @@ def added_kernels(layers: Sequence[LoRALinear], n_rows: int) -> Callable[[], Non
                 A = U.T.contiguous()
                 z = kernels.project(x, A)  # forward
                 if fuse:
-                    kernels.expand(W, V.T.contiguous(), A, scale)
+                    kernels.effective_weight(W, U, V, A, scale, layer.fan_in_fan_out)
                 else:
                     kernels.expand(y, z, V, scale, inplace=True)
                 gz = kernels.project(g, V).mul_(scale)  # backward
                 kernels.mm_t(z.T, g.T).mul_(scale)
                 if fuse:
-                    kernels.expand(W, V.T.contiguous(), A, scale)
+                    kernels.effective_weight(W, U, V, A, scale, layer.fan_in_fan_out)
                 else:
                     kernels.expand(grad_x, gz, A, 1.0, inplace=True)
                 kernels.mm_t(gz.T, x.T)

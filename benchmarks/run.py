@@ -395,7 +395,7 @@ def goals(tables: dict[str, Table]) -> list[str]:
         table, step = tables["minilm_step"], rows("minilm_step")
         peft = next((r for (_, m), r in step.items() if m.startswith("PEFT")), None)
         for (case, method), r in step.items():
-            bound = {"loratrf LoRA r=8 (all six)": 1.06, "loratrf LoRATRF r=8 (v,f1,f2 + filters)": 1.045}.get(method)
+            bound = {cases.LORA_SIX: 1.06, "loratrf LoRATRF r=8 (v,f1,f2 + filters)": 1.045}.get(method)
             if bound is None:
                 continue
             text = alone("minilm_kernels", case) if method == cases.LORA_SIX else ""

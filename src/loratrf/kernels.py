@@ -104,7 +104,7 @@ def lora_linear(
     d_in, d_out = U.shape[0], V.shape[1]
     if fuse is None:
         fuse = fuse_effective_weight(x.numel() // max(d_in, 1), d_in, d_out)
-    if torch.is_grad_enabled() and (x.requires_grad or U.requires_grad or V.requires_grad):
+    if records_grad(x, U, V):
         return LoRALinearFunction.apply(x, weight, bias, U, V, scale, fan_in_fan_out, fuse)
     y, _, _ = _lora_forward(rows(x), weight, bias, U, V, scale, fan_in_fan_out, fuse, keep_z=False)
     return unviewed(y, (*x.shape[:-1], d_out))
@@ -125,10 +125,15 @@ def task_filter(
     forward alone when nothing needs a gradient), else the plain formula. Shapes: `h [..., d]`,
     `t [d]`, `U [d, r]`, `V [r, d]`; `affine` the scalars `(a, b)`."""
     if affine is None and fast_path_applies(h, t, U, V):
-        if torch.is_grad_enabled() and any(x.requires_grad for x in (h, t, U, V)):
+        if records_grad(h, t, U, V):
             return TaskFilterFunction.apply(h, t, U, V, scale, cosine, eps)
         return unviewed(_filter_forward(rows(h), t, U, V, scale, cosine, eps)[0], h.shape)
     return low_rank(h, U, V, scale, gate=relevance(h, t, cosine, eps, affine).unsqueeze(-1), residual=h)
+
+
+def records_grad(*tensors: Tensor) -> bool:
+    """Whether autograd records an op on `tensors` (grad mode on and one of them requires grad)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def fuse_effective_weight(n_rows: int, d_in: int, d_out: int) -> bool:
@@ -327,7 +332,7 @@ def _onednn_applies(tensors: list[Tensor]) -> bool:
     a = tensors[0]
     if a.dtype is not torch.float32 or not a.is_cpu or a.dim() != 2 or _FORCED == "aten":
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if records_grad(*tensors):
         return False
     if not torch.backends.mkldnn.enabled or torch.are_deterministic_algorithms_enabled():
         return False
@@ -392,7 +397,7 @@ def use_kernels(name: str | None) -> Iterator[None]:
 # --- LoRA ----------------------------------------------------------------------------------
 
 
-def _effective_weight(weight: Tensor, U: Tensor, V: Tensor, A: Tensor, scale: float, fan_in_fan_out: bool) -> Tensor:
+def effective_weight(weight: Tensor, U: Tensor, V: Tensor, A: Tensor, scale: float, fan_in_fan_out: bool) -> Tensor:
     """`W0 + scale · (U V)ᵀ` in `weight`'s layout (`W0 + scale · U V` when `fan_in_fan_out`)."""
     if fan_in_fan_out:
         return expand(weight, U, V, scale)
@@ -416,7 +421,7 @@ def _lora_forward(
     # z first, while x is still in cache from whatever produced it; the large product is compute-bound
     z = project(x2, A) if keep_z or not fuse else None
     if fuse:
-        return base_linear(x2, _effective_weight(weight, U, V, A, scale, fan_in_fan_out), bias, fan_in_fan_out), A, z
+        return base_linear(x2, effective_weight(weight, U, V, A, scale, fan_in_fan_out), bias, fan_in_fan_out), A, z
     return expand(base_linear(x2, weight, bias, fan_in_fan_out), z, V, scale, inplace=True), A, z
 
 
@@ -448,7 +453,7 @@ class LoRALinearFunction(torch.autograd.Function):
         grad_V = mm_t(z.T, g2.T).mul_(scale) if needs[4] else None  # scale · zᵀ g [r, out]
         grad_x = grad_U = None
         if needs[0]:
-            w = _effective_weight(weight, U, V, A, scale, fan_in_fan_out) if ctx.fuse else weight
+            w = effective_weight(weight, U, V, A, scale, fan_in_fan_out) if ctx.fuse else weight
             grad_x = base_input_grad(g2, w, fan_in_fan_out)
             if not ctx.fuse:
                 expand(grad_x, gz, A, 1.0, inplace=True)
