@@ -225,6 +225,51 @@ def test_a_named_lora_adapter_exports_to_peft_and_imports_back(tmp_path):
         loratrf.export_peft(model, tmp_path, adapter="z")
 
 
+def test_a_peft_folder_imports_as_a_named_adapter_beside_others(tmp_path):
+    model = adapted()
+    loratrf.export_peft(model, tmp_path, adapter="d")
+    torch.manual_seed(0)
+    other = Net().double().eval()  # adapted()'s base weights
+    loratrf.inject(other, targets=TARGETS, filters=FILTERS)  # layers.*.up already hold "default"
+    randomise_adapters(other, torch.Generator().manual_seed(1))
+    before = other(ids)
+    assert loratrf.import_peft(other, tmp_path, adapter="p") == ["layers.0.up", "layers.1.up"]
+    assert other.layers[0].up.active_adapter == "default"  # the active adapter stays
+    torch.testing.assert_close(other(ids), before, rtol=0, atol=0)
+    torch.testing.assert_close(alone(other, "p", ids), alone(model, "d", ids), rtol=1e-12, atol=1e-12)
+    with pytest.raises(loratrf.AdapterFileError, match="'layers.0.up' already has a LoRA adapter named 'p'"):
+        loratrf.import_peft(other, tmp_path, adapter="p")
+
+
+def test_gate_tools_act_on_the_named_or_the_active_adapter():
+    model = adapted()
+    loratrf.set_adapter(model, "b")
+    seen = {}
+    hooks = [
+        f.register_forward_pre_hook(lambda _, a, host=host: seen.setdefault(host, a[0].detach()))
+        for host, f in loratrf.walk.named_filters(model, "b")
+    ]
+    with loratrf.record_gates(model) as gates, loratrf.record_gates(model, adapter="default") as idle:
+        model(ids)
+    for hook in hooks:
+        hook.remove()
+    for host, h in seen.items():  # b's gates are affine: clamp(a cos(h, t) + b, 0, 1)
+        f = filter_of(model.get_submodule(host), "b")
+        cos = torch.nn.functional.cosine_similarity(h, f.task_vector.expand_as(h), dim=-1)
+        expected = (f.gate_scale * cos + f.gate_offset).clamp(0, 1)
+        torch.testing.assert_close(gates[host][0], expected.detach(), rtol=1e-12, atol=1e-12)
+    assert set(seen) == set(gates) == {"layers.0", "layers.1"}
+    assert all(calls == [] for calls in idle.values())  # the default adapter's filters did not run
+    default_t = {host: f.task_vector.clone() for host, f in loratrf.walk.named_filters(model)}
+    loratrf.calibrate_filters(model, ids)  # the active adapter's filters: b's, from the same h
+    for host, h in seen.items():
+        u = h / h.norm(dim=-1, keepdim=True)
+        m = u.mean(dim=(0, 1))
+        t = m / m.norm() / h.norm(dim=-1).mean()
+        torch.testing.assert_close(filter_of(model.get_submodule(host), "b").task_vector, t, rtol=1e-10, atol=1e-12)
+    assert all(torch.equal(f.task_vector, default_t[host]) for host, f in loratrf.walk.named_filters(model))
+
+
 def test_delete_restores_and_deleting_the_active_adapter_leaves_none_active():
     torch.manual_seed(0)
     base = Net().double().eval()
@@ -289,6 +334,17 @@ def test_merge_unload_and_summary_act_on_the_active_adapter():
             loratrf.InjectionError,
             "'layers.0' already has a task-aware filter of adapter 'b'",
         ),
+        (lambda m: loratrf.record_gates(m, adapter="z").__enter__(), AdapterError, "no adapter named 'z'"),
+        (
+            lambda m: loratrf.record_gates(m, adapter="d").__enter__(),
+            loratrf.FilterOutputError,
+            r"adapter 'd' has no task-aware filters to record; these adapters have some: \['default', 'b'\]",
+        ),
+        (
+            lambda m: loratrf.calibrate_filters(m, ids, adapter="b"),
+            AdapterError,
+            r"adapter 'b' is not the active one \('default'\), .*call loratrf.set_adapter\(model, 'b'\) first",
+        ),
         (lambda m: loratrf.inject(m, targets=TARGETS, adapter="a.b"), loratrf.InjectionError, "an adapter name is"),
         (lambda m: loratrf.inject(m, targets=TARGETS, adapter="keys"), loratrf.InjectionError, "an adapter name is"),
     ],
@@ -325,5 +381,9 @@ def test_switching_or_mixing_while_merged_is_refused():
         with pytest.raises(MergeError, match="is merged; .*call loratrf.unmerge\\(model\\) first"):
             call()
     loratrf.delete_adapter(model, "d")  # another adapter may go
+    # a new adapter would start from the merged weight (a fresh DoRA magnitude from its norms)
+    with pytest.raises(loratrf.InjectionError, match=r"'layers.0.value' is merged \(adapter 'b' is folded into"):
+        loratrf.inject(model, targets=[r"layers\.0\.value"], dora=True, adapter="e")
+    assert "e" not in loratrf.walk.adapter_names(model)
     loratrf.unmerge(model)
     loratrf.set_adapter(model, "default")

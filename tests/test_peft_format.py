@@ -342,7 +342,7 @@ def test_import_refuses_an_adapter_from_another_model_or_a_model_already_adapted
     )
     adapted = bert()
     loratrf.inject(adapted, targets=[r".*\.query"])
-    with pytest.raises(AdapterFileError, match="already has a LoRA adapter; import into the base model"):
+    with pytest.raises(AdapterFileError, match="already has a LoRA adapter named 'default'; import under another name"):
         loratrf.import_peft(adapted, tmp_path)
 
 

@@ -27,18 +27,32 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from loratrf.errors import FilterOutputError
+from loratrf.errors import AdapterError, FilterOutputError
 from loratrf.filter import TaskAwareFilter
-from loratrf.walk import named_filters
+from loratrf.walk import active_adapter, adapter_names, check_held, named_filters
 
 STARTS: tuple[str, ...] = ("mean", "contrastive")
 
 
-def _filters_of(model: nn.Module, purpose: str) -> dict[str, TaskAwareFilter]:
-    filters = dict(named_filters(model))
-    if not filters:
+def _filters_of(model: nn.Module, purpose: str, adapter: str | None) -> tuple[str, dict[str, TaskAwareFilter]]:
+    """Adapter `adapter`'s filters (None: the active adapter's) by host name, and the adapter."""
+    with_filters = [n for n in adapter_names(model) if next(named_filters(model, n), None) is not None]
+    if not with_filters:
         raise FilterOutputError(f"the model has no task-aware filters to {purpose}; inject filters first")
-    return filters
+    if adapter is None:
+        adapter = active_adapter(model)
+        if adapter is None:
+            raise AdapterError(
+                f"no adapter is active, so there are no gates to {purpose}; name one of {with_filters} "
+                "(adapter=...) or activate one with loratrf.set_adapter"
+            )
+    check_held(model, [adapter])
+    filters = dict(named_filters(model, adapter))
+    if not filters:
+        raise FilterOutputError(
+            f"adapter {adapter!r} has no task-aware filters to {purpose}; these adapters have some: {with_filters}"
+        )
+    return adapter, filters
 
 
 def _record(store: list[Tensor], task_filter: TaskAwareFilter, inputs: tuple) -> None:
@@ -49,16 +63,17 @@ def _record(store: list[Tensor], task_filter: TaskAwareFilter, inputs: tuple) ->
 
 
 @contextlib.contextmanager
-def record_gates(model: nn.Module) -> Iterator[dict[str, list[Tensor]]]:
-    """Inside `with loratrf.record_gates(model) as gates:`, every filter records its gate:
-    `gates[host_name]` is a list holding one detached tensor `s` of shape `h.shape[:-1]` (at
-    least float32) per call of the host, in call order.
+def record_gates(model: nn.Module, adapter: str | None = None) -> Iterator[dict[str, list[Tensor]]]:
+    """Inside `with loratrf.record_gates(model) as gates:`, every filter of `adapter` (None: the
+    active adapter) records its gate: `gates[host_name]` is a list holding one detached tensor
+    `s` of shape `h.shape[:-1]` (at least float32) per call of the filter, in call order (under
+    `use_adapters`, the calls on its own rows).
 
     `s` comes from the filter's own `relevance`, computed once more beside its forward by a
     forward pre-hook that exists only inside the context: outputs and gradients are
     unchanged, and outside the context nothing is recorded or computed.
     """
-    filters = _filters_of(model, "record")
+    _, filters = _filters_of(model, "record", adapter)
     gates: dict[str, list[Tensor]] = {host: [] for host in filters}
     handles = [f.register_forward_pre_hook(functools.partial(_record, gates[host])) for host, f in filters.items()]
     try:
@@ -172,10 +187,12 @@ def calibrate_filters(
     labels: Tensor | None = None,
     token_mask: Tensor | None = None,
     gate_range: tuple[float, float] | None = None,
+    adapter: str | None = None,
     **kwargs,
 ) -> dict[str, float]:
-    """Run `model(*args, **kwargs)` once, without grad and in eval mode, and set every filter's
-    task vector from the tokens `h_i` its host outputs:
+    """Run `model(*args, **kwargs)` once, without grad and in eval mode, and set the task vector
+    of every filter of `adapter` (None: the active adapter, the one that must run) from the
+    tokens `h_i` its host outputs:
 
     - `start="mean"`: `t = m / |m| / mean_i |h_i|` with `m = mean_i(h_i / |h_i|)`;
     - `start="contrastive"` (needs `labels`, a class id per sentence: shape `h.shape[:k]`, e.g.
@@ -213,7 +230,13 @@ def calibrate_filters(
                 f"labels hold one class only ({labels.unique().tolist()}); the contrastive start needs "
                 "sentences of at least two classes in the batch"
             )
-    filters = _filters_of(model, "calibrate")
+    adapter, filters = _filters_of(model, "calibrate", adapter)
+    if adapter != active_adapter(model):
+        raise AdapterError(
+            f"adapter {adapter!r} is not the active one ({active_adapter(model)!r}), so its filters would not run on "
+            f"the sample batch; call loratrf.set_adapter(model, {adapter!r}) first: its filters are calibrated on "
+            "the hidden states of the model that runs it"
+        )
     if gate_range is not None:
         _check_gate_range(gate_range, filters)
     seen: dict[str, Tensor] = {}

@@ -302,6 +302,11 @@ def _target_problem(name: str, candidates: Mapping[str, nn.Module], parents, ada
             "(inject(..., adapter='<another name>') adds one beside it; loratrf.delete_adapter or "
             "loratrf.unload removes adapters)"
         )
+    if isinstance(module, LoRALinear) and module.merged:
+        return (
+            f"{name!r} is merged (adapter {module.active_adapter!r} is folded into its weight), and a new adapter "
+            "starts from the base weight; loratrf.unmerge(model) first, then add adapters"
+        )
     if isinstance(module, LoRALinear):
         return _bypass_problem(name, module, parents)
     if why := _bypass_reason(module):

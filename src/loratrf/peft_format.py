@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from loratrf.adapter_file import full_tensor, trainable_base_parameters, write_atomically
-from loratrf.config import DEFAULT_ADAPTER, LoRASpec, Plan
+from loratrf.config import DEFAULT_ADAPTER, LoRASpec, Plan, check_adapter_name
 from loratrf.errors import AdapterFileError, InjectionError
 from loratrf.inject import SUPPORTED_TARGETS, apply_plan, engine_problem, named_candidates
 from loratrf.lora import LoRAAdapter, LoRALinear, is_conv1d
@@ -196,35 +196,39 @@ def peft_config(
     }
 
 
-def import_peft(model: nn.Module, directory: str | os.PathLike) -> list[str]:
+def import_peft(model: nn.Module, directory: str | os.PathLike, adapter: str = DEFAULT_ADAPTER) -> list[str]:
     """Inject LoRA layers from a PEFT LoRA adapter folder into `model`, the base model it was
-    trained on, so that `model` computes what PEFT computes with it (`rank_pattern`,
-    `alpha_pattern`, `use_rslora`, DoRA, GPT-2's Conv1D included). Like `inject`, this freezes every
-    base parameter; filters can be added afterwards with a further `inject`. Returns the names
-    of the layers injected.
+    trained on, as adapter `adapter`, so that `model` computes what PEFT computes with it
+    (`rank_pattern`, `alpha_pattern`, `use_rslora`, DoRA, GPT-2's Conv1D included). Layers that
+    hold other adapters take it beside them (as PEFT's `load_adapter(..., adapter_name=...)`);
+    as with `inject`, the active adapter stays unless none was active. Like `inject`, this
+    freezes every base parameter; filters can be added afterwards with a further `inject`.
+    Returns the names of the layers injected.
 
     Every check runs before the model changes. A folder without the two files, a file that is
     truncated or not PEFT's, or tensors that do not fit the model raise `AdapterFileError`;
     so does whatever loratrf cannot represent (another `peft_type` than LoRA, `modules_to_save`,
     LoRA on embeddings or convolutions, trained biases, ...), named in the message.
     """
+    check_adapter_name(adapter)
     directory = Path(directory)
     config = read_peft_config(directory)
     tensors = _read_weights(directory)
     pairs = _lora_pairs(tensors, directory)
     root = unwrap(model)
     candidates = named_candidates(root)
-    specs = _specs(config, pairs, candidates, directory)
+    specs = _specs(config, pairs, candidates, directory, adapter)
     if problem := engine_problem(model):
         raise InjectionError(f"cannot import the adapter into this model: {problem}")
-    apply_plan(root, Plan(specs, {}, ()))
+    apply_plan(root, Plan(specs, {}, ()), adapter)
     layers = dict(named_lora_layers(root))
     with torch.no_grad():
         for name, pair in pairs.items():
-            layers[name].lora.U.copy_(pair["lora_A.weight"].T)
-            layers[name].lora.V.copy_(pair["lora_B.weight"].T)
-            if layers[name].dora:
-                layers[name].magnitude.copy_(pair["lora_magnitude_vector"])
+            parts = layers[name].parts(adapter)
+            parts.lora.U.copy_(pair["lora_A.weight"].T)
+            parts.lora.V.copy_(pair["lora_B.weight"].T)
+            if parts.dora:
+                parts.magnitude.copy_(pair["lora_magnitude_vector"])
     return list(pairs)
 
 
@@ -319,7 +323,7 @@ def _lora_pairs(tensors: Mapping[str, Tensor], directory: Path) -> dict[str, dic
 
 
 def _specs(
-    config: Mapping[str, Any], pairs: Mapping[str, Mapping[str, Tensor]], candidates, directory: Path
+    config: Mapping[str, Any], pairs: Mapping[str, Mapping[str, Tensor]], candidates, directory: Path, adapter: str
 ) -> dict[str, LoRASpec]:
     """Each module's `LoRASpec`, after checking it against the model and the config."""
     path = directory / CONFIG_NAME
@@ -349,10 +353,13 @@ def _specs(
         if module is None:
             problems.append(f"the model has no module named {name!r} (is the adapter from another model?)")
             continue
-        if isinstance(module, LoRALinear):
-            problems.append(f"{name!r} already has a LoRA adapter; import into the base model")
+        if isinstance(module, LoRALinear) and module.parts(adapter) is not None:
+            problems.append(
+                f"{name!r} already has a LoRA adapter named {adapter!r}; import under another name (adapter=...) "
+                "or into the base model"
+            )
             continue
-        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+        if not (isinstance(module, (nn.Linear, LoRALinear)) or is_conv1d(module)):
             problems.append(f"{name!r} is a {type(module).__name__}; loratrf's LoRA targets are {SUPPORTED_TARGETS}")
             continue
         if not _targeted(config, name):
@@ -362,7 +369,8 @@ def _specs(
             )
             continue
         rows, cols = module.weight.shape
-        in_f, out_f = (rows, cols) if is_conv1d(module) else (cols, rows)
+        fan_in_fan_out = module.fan_in_fan_out if isinstance(module, LoRALinear) else is_conv1d(module)
+        in_f, out_f = (rows, cols) if fan_in_fan_out else (cols, rows)
         rank = _resolve(rank_pattern, r, name)
         if tuple(A.shape) != (rank, in_f) or tuple(B.shape) != (out_f, rank):
             problems.append(
