@@ -830,6 +830,32 @@ def test_the_report_answers_the_claims_with_intervals_and_says_what_is_not_yet_r
     assert (tmp_path / "docs" / "results" / "rank.png").stat().st_size > 1000
 
 
+class PastTheEdge(FakeTrainer):
+    """The fake, except that a run at 0.01 (outside every sweep) scores best on dev."""
+
+    def run(self, spec, label):
+        record = super().run(spec, label)
+        return {**record, "dev": 0.9} if spec.lr == 0.01 else record
+
+
+def test_a_run_past_the_sweeps_edge_is_reported_beside_the_sweep_and_never_sets_the_rate(tmp_path):
+    chosen = {"headline": studies(minilm_shaped_model())["headline"]}
+    trainer, folder = PastTheEdge(), tmp_path / "runs"
+    run_studies(trainer, chosen, [0], folder, **QUIET)
+    past = Study("past the edge", ("loratrf:v,f1,f2:r8:lr=0.01",), ("movies",))
+    runs = run_studies(trainer, {"past": past}, [0], folder, **QUIET)
+    loratrf_r8 = Method.parse("loratrf:v,f1,f2:r8")
+    assert set(runs.beyond_sweep(loratrf_r8, "movies")) == {0.01}
+    assert runs.rate(loratrf_r8, "movies") == 3e-3  # 0.01's dev of 90.0 is not a candidate
+    assert runs.beyond_sweep(Method.parse("lora:all:r8"), "movies") == {}
+    page = tmp_path / "results.md"
+    report.write_page(runs, chosen, trainer.config, [0], page, tmp_path / "figures", title="t")
+    text = page.read_text()
+    row = f"**0.003: 60.0**{report.EDGE}; {report.BEYOND} 0.01: 90.0 |"
+    assert f"| LoRATRF r=8 (v,f1,f2 + filters) | movies | 0.0003: 50.0 · 0.001: 50.0 · {row}" in text
+    assert "In all: 6 runs done of 6 planned, and 1 run that no study here plans" in text
+
+
 # --- PEFT's LoRA beside loratrf's ------------------------------------------------------------------------
 
 
@@ -938,7 +964,8 @@ def test_smoke_grid_sweeps_resumes_and_reports(tmp_path, capsys):
     assert cli.main(["report", "--smoke", "--out", str(tmp_path), "--page", str(page), "--figures", str(tmp_path)]) == 0
     text = page.read_text()
     assert "LoRA r=2 (v)" not in text  # the custom grid is not among the reported studies
-    assert "1. **LoRATRF ≥ LoRA with fewer parameters**: not yet measured" in text and "In all: 4 runs done of" in text
+    assert "1. **LoRATRF ≥ LoRA with fewer parameters**: not yet measured" in text
+    assert re.search(r"In all: 0 runs done of \d+ planned, and 4 runs that no study here plans", text)
 
 
 @needs_demo_packages

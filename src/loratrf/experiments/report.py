@@ -26,6 +26,7 @@ from loratrf.experiments.training import TrainingConfig
 
 NOTES = ("<!-- notes: kept when the page is regenerated -->", "<!-- end of notes -->")
 EDGE = " (best at the sweep's edge)"  # a sweep row whose chosen rate is its lowest or highest
+BEYOND = "outside the sweep, not used to choose:"  # seed-0 runs at other rates (checks past an edge)
 
 
 def percent(values: Sequence[float]) -> str:
@@ -119,7 +120,11 @@ def sweep_table(study: Study, runs: Runs) -> list[str]:
                 text = f"{lr:g}: " + ("-" if run is None else f"{100 * run['dev']:.1f}")
                 cells.append(f"**{text}**" if lr == chosen else text)
             edge = chosen is not None and chosen in (min(sweep), max(sweep))
-            lines.append(f"| {method.title} | {task} | {' · '.join(cells)}{EDGE if edge else ''} |")
+            beyond = " · ".join(
+                f"{lr:g}: {100 * run['dev']:.1f}" for lr, run in runs.beyond_sweep(method, task).items()
+            )
+            beyond = f"; {BEYOND} {beyond}" if beyond else ""
+            lines.append(f"| {method.title} | {task} | {' · '.join(cells)}{EDGE if edge else ''}{beyond} |")
     return lines + [""] if len(lines) > 2 else []
 
 
@@ -187,11 +192,18 @@ def compute_lines(chosen: Mapping[str, Study], runs: Runs, seeds: Sequence[int])
         every_planned |= planned
         lines.append(f"| [{name}](#{name}) | {len(done)} / {len(planned)} | {hours(seconds(done))} |")
     every = list(runs.records.values())
+    outside = sum(key not in every_planned for key in runs.records)
     per_run = f"{seconds(every) / len(every):.0f} s a run on average; " if every else ""
+    extra = (
+        f", and {outside} {'run' if outside == 1 else 'runs'} that no study here plans (such as rates past a "
+        "sweep's edge, in the sweep tables)"
+        if outside
+        else ""
+    )
     lines += [
         "",
-        f"In all: {len(every)} runs done of {len(every_planned)} planned, {hours(seconds(every))} of training and "
-        f"evaluation ({per_run}runs shared by studies count once here and in each study above).",
+        f"In all: {len(every) - outside} runs done of {len(every_planned)} planned{extra}; {hours(seconds(every))} "
+        f"of training and evaluation ({per_run}runs shared by studies count once here and in each study above).",
         "",
     ]
     return lines
@@ -380,7 +392,8 @@ def setup_lines(config: TrainingConfig, runs: Runs, seeds: Sequence[int]) -> lis
         lines.append(
             f"- learning rates: each method's chosen on dev from its sweep at seed {SWEEP_SEED} (the sweep "
             "tables; ties go to the lower rate), then every seed at that rate; PEFT's LoRA takes loratrf's. "
-            f"A sweep marked{EDGE} chose its lowest or highest rate, so a wider sweep might find a better one"
+            f"A sweep marked{EDGE} chose its lowest or highest rate, so a wider sweep might find a better one; "
+            f"runs at other rates, where there are any, follow the sweep ({BEYOND} ...)"
         )
     if any_run:
         v, m = any_run["versions"], any_run["machine"]

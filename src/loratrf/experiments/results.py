@@ -257,6 +257,17 @@ class Runs:
         tuned = method.tuned_as
         return {lr: self.get(tuned, sweep_task(task), SWEEP_SEED, lr) for lr in LR_SWEEP[method.kind]}
 
+    def beyond_sweep(self, method: Method, task: str) -> dict[float, Mapping]:
+        """`{rate: run}`: finished runs at the sweep's seed and task at rates outside the sweep
+        (checks past its edge); they show in the report but never set the rate."""
+        tuned = str(method.tuned_as)
+        found = {
+            lr: r
+            for (m, t, s, lr), r in self.records.items()
+            if (m, t, s) == (tuned, sweep_task(task), SWEEP_SEED) and lr not in LR_SWEEP[method.kind]
+        }
+        return dict(sorted(found.items()))
+
     def rate(self, method: Method, task: str) -> float | None:
         """The rate `method` runs at on `task`: fixed, default (untuned), or chosen by its
         finished sweep (None until then)."""
