@@ -165,6 +165,29 @@ def added_kernels(layers: Sequence[LoRALinear], n_rows: int) -> Callable[[], Non
     return run
 
 
+READS = "its four passes over x and g as plain reads"
+
+
+def activation_reads(layers: Sequence[LoRALinear], n_rows: int) -> Callable[[], None]:
+    """The memory traffic of `added_kernels`' rank-r products without their arithmetic: per
+    layer, `x [n_rows, in]` and `g [n_rows, out]` each summed twice (the passes `x U`, `gzᵀ x`,
+    `g Vᵀ` and `zᵀ g` make), on the same reused operands. Separate kernels cannot make these
+    passes faster than this; fewer passes need fused kernels."""
+    operands = {}
+    for layer in layers:
+        shape = (layer.in_features, layer.out_features)
+        if shape not in operands:
+            operands[shape] = [torch.randn(n_rows, d) for d in shape]
+
+    def run() -> None:
+        for layer in layers:
+            x, g = operands[(layer.in_features, layer.out_features)]
+            for t in (x, g, g, x):
+                t.sum()
+
+    return run
+
+
 # --- the task-aware filter and a Transformer layer ----------------------------------------
 
 

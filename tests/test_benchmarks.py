@@ -36,6 +36,7 @@ def test_quick_run_writes_every_table_and_the_goals(tmp_path):
     if cases.minilm_available() is None:
         assert "all-MiniLM-L6-v2 fine-tuning step" in report and "MiB" in report
         assert f"MiniLM step, LoRA r=8 (all six): {cases.ADDED_TITLE}" in report
+    assert f"| x=[2,16,48], 48->48, r=8 | {cases.READS} |" in report
     assert "| x=[2,16,48], 48->48, r=8 | loratrf |" in report
     assert run.cpu_model() in report and "default malloc" in report
     assert plot.exists() == cases.installed("matplotlib")
