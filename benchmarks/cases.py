@@ -128,6 +128,17 @@ ADDED = "loratrf's added kernels alone"
 ADDED_TITLE = "the added kernels alone (in cache)"
 
 
+def activations(layers: Sequence[LoRALinear], n_rows: int) -> dict[tuple[int, int], list[torch.Tensor]]:
+    """Per layer shape `(in, out)`: random `x [n_rows, in]`, `g [n_rows, out]`, `y [n_rows, out]`
+    and `grad_x [n_rows, in]`, the operands the kernel workloads below reuse from call to call."""
+    operands = {}
+    for layer in layers:
+        shape = (layer.in_features, layer.out_features)
+        if shape not in operands:
+            operands[shape] = [torch.randn(n_rows, d) for d in (*shape, shape[1], shape[0])]
+    return operands
+
+
 def added_kernels(layers: Sequence[LoRALinear], n_rows: int) -> Callable[[], None]:
     """The kernels `kernels.LoRALinearFunction` adds to each frozen layer of `layers` in one
     forward + backward, each run alone on operands reused from call to call (one random `x
@@ -136,11 +147,7 @@ def added_kernels(layers: Sequence[LoRALinear], n_rows: int) -> Callable[[], Non
     folded into the weight, else the update added onto the output and onto the input's gradient.
     Their time over the baseline's estimates the least overhead these kernels allow, however
     well everything else runs."""
-    operands = {}
-    for layer in layers:
-        shape = (layer.in_features, layer.out_features)
-        if shape not in operands:
-            operands[shape] = [torch.randn(n_rows, d) for d in (*shape, shape[1], shape[0])]
+    operands = activations(layers, n_rows)
 
     def run() -> None:
         with torch.no_grad():
@@ -173,15 +180,11 @@ def activation_reads(layers: Sequence[LoRALinear], n_rows: int) -> Callable[[], 
     layer, `x [n_rows, in]` and `g [n_rows, out]` each summed twice (the passes `x U`, `gzᵀ x`,
     `g Vᵀ` and `zᵀ g` make), on the same reused operands. Separate kernels cannot make these
     passes faster than this; fewer passes need fused kernels."""
-    operands = {}
-    for layer in layers:
-        shape = (layer.in_features, layer.out_features)
-        if shape not in operands:
-            operands[shape] = [torch.randn(n_rows, d) for d in shape]
+    operands = activations(layers, n_rows)
 
     def run() -> None:
         for layer in layers:
-            x, g = operands[(layer.in_features, layer.out_features)]
+            x, g, _, _ = operands[(layer.in_features, layer.out_features)]
             for t in (x, g, g, x):
                 t.sum()
 
