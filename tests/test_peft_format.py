@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
+import models
 import pytest
 import safetensors.torch
 import torch
-from hf_architectures import bert, gpt2, main_output, token_ids, transformers
+from hf_architectures import bert, encoder_config, gpt2, main_output, token_ids, transformers
+from hypothesis import given
+from hypothesis import strategies as st
 
 import loratrf
 from loratrf import AdapterFileError, LoRALinear
@@ -176,15 +180,81 @@ def test_round_trip_keeps_every_tensor_and_filters_can_be_added_after_import(tmp
     torch.testing.assert_close(outputs(fresh, ids), before, atol=ATOL, rtol=0)
 
 
-def test_export_of_a_model_with_filters_or_a_trainable_head_needs_lora_only(tmp_path):
-    model = transformers.BertForSequenceClassification(bert().config)
+def bert_classifier(num_labels=3):
+    return transformers.BertForSequenceClassification(encoder_config(transformers.BertConfig, num_labels=num_labels))
+
+
+def test_export_writes_trainable_modules_as_modules_to_save(tmp_path):
+    model = bert_classifier()
+    base = copy.deepcopy(model)
+    loratrf.inject(model, targets=[r".*\.query"], trainable=["classifier", r"bert\.embeddings\.LayerNorm"])
+    randomise_lora(model)
+    with torch.no_grad():  # trained head and layer norm
+        for name, p in model.named_parameters():
+            if name.startswith(("classifier.", "bert.embeddings.LayerNorm.")):
+                p.add_(torch.randn_like(p))
+    config = loratrf.export_peft(model, tmp_path)
+    assert config["modules_to_save"] == ["bert.embeddings.LayerNorm", "classifier"]
+    saved = safetensors.torch.load_file(tmp_path / WEIGHTS_NAME)
+    for key in ("bert.embeddings.LayerNorm.weight", "bert.embeddings.LayerNorm.bias", "classifier.weight"):
+        assert torch.equal(saved[f"base_model.model.{key}"], model.state_dict()[key])
+
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    ids = token_ids()
+    torch.testing.assert_close(outputs(peft_model, ids), outputs(model, ids), atol=ATOL, rtol=0)
+    lora_only = loratrf.export_peft(model, tmp_path / "lora-only", lora_only=True)
+    assert lora_only["modules_to_save"] is None  # PEFT then runs the base's head
+    assert not torch.allclose(outputs(base, ids), outputs(model, ids), atol=1e-3)
+
+
+def test_modules_to_save_travel_from_peft_and_back(tmp_path):
+    config = peft.LoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"], r=2, lora_alpha=4)
+    base, peft_model = peft_adapter(bert_classifier, tmp_path / "peft", config)
+    assert peft_model.peft_config["default"].modules_to_save == ["classifier", "score"]  # PEFT's SEQ_CLS default
+    with torch.no_grad():  # PEFT's own copy of the head, trained
+        for name, p in peft_model.named_parameters():
+            if ".modules_to_save.default." in name:
+                p.add_(torch.randn_like(p))
+    peft_model.save_pretrained(tmp_path / "peft")
+    model = copy.deepcopy(base)
+    names = loratrf.import_peft(model, tmp_path / "peft")
+    assert sorted(names) == sorted(peft_layers(peft_model))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable - set(loratrf.adapter_state_dict(model, "default")) == set()
+    assert {"classifier.weight", "classifier.bias"} <= trainable
+    ids = token_ids()
+    torch.testing.assert_close(outputs(model, ids), outputs(peft_model, ids), atol=ATOL, rtol=0)
+    assert not torch.allclose(outputs(base, ids), outputs(model, ids), atol=1e-3)
+
+    back = loratrf.export_peft(model, tmp_path / "back")
+    assert back["modules_to_save"] == ["classifier"]
+    theirs, ours = (safetensors.torch.load_file(tmp_path / d / WEIGHTS_NAME) for d in ("peft", "back"))
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "back")
+    torch.testing.assert_close(outputs(reloaded, ids), outputs(model, ids), atol=ATOL, rtol=0)
+
+
+def test_import_refuses_modules_to_save_that_do_not_fit(tmp_path):
+    config = peft.LoraConfig(task_type="SEQ_CLS", target_modules=["query"], r=2)
+    peft_adapter(bert_classifier, tmp_path, config)
+    assert_refused_untouched(
+        bert_classifier(num_labels=2),
+        tmp_path,
+        r"'base_model\.model\.classifier\.weight': shape \(3, 32\), where this model's module has \(2, 32\)",
+    )
+    assert_refused_untouched(  # the model without its head
+        transformers.BertModel(bert_classifier().config, add_pooling_layer=False),
+        tmp_path,
+        r"'base_model\.model\.classifier\.bias' is no LoRA tensor, and no module of this model that "
+        r"modules_to_save \['classifier', 'score'\] names holds it",
+    )
+
+
+def test_export_of_a_model_with_filters_needs_lora_only(tmp_path):
+    model = bert_classifier()
     loratrf.inject(model, targets=[r".*\.query"], filters=[r"bert\.encoder\.layer\.\d+"], trainable=["classifier"])
     with pytest.raises(
         AdapterFileError, match=r"cannot hold the model's task-aware filters \(on 'bert\.encoder\.layer\.0'"
-    ):
-        loratrf.export_peft(model, tmp_path)
-    with pytest.raises(
-        AdapterFileError, match=r"trainable base parameters \('classifier\.weight', 'classifier\.bias'\)"
     ):
         loratrf.export_peft(model, tmp_path)
     assert not any(tmp_path.iterdir())  # nothing written
@@ -195,6 +265,19 @@ def test_export_of_a_model_with_filters_or_a_trainable_head_needs_lora_only(tmp_
     peft_model = peft.PeftModel.from_pretrained(base_copy(model), tmp_path)
     ids = token_ids()
     torch.testing.assert_close(outputs(peft_model, ids), outputs(lora_alone, ids), atol=ATOL, rtol=0)
+
+
+def test_export_refuses_trainable_parameters_peft_cannot_save(tmp_path):
+    model = Net()
+    loratrf.inject(model, targets=[r"block\.out"], trainable=["fc"])
+    with pytest.raises(AdapterFileError, match=r"PEFT would also save \['block\.fc'\] for the entry 'fc'"):
+        loratrf.export_peft(model, tmp_path)
+    model = bert()
+    loratrf.inject(model, targets=[r".*\.query"])
+    model.register_parameter("temperature", torch.nn.Parameter(torch.ones(())))
+    with pytest.raises(AdapterFileError, match=r"not the model's own trainable parameters \['temperature'\]"):
+        loratrf.export_peft(model, tmp_path)
+    assert not any(tmp_path.iterdir())
 
 
 def test_export_refusals(tmp_path):
@@ -238,9 +321,7 @@ def assert_refused_untouched(model, directory, match):
     assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
 
 
-def test_import_refuses_modules_to_save_embeddings_and_other_methods(tmp_path):
-    peft_bert(tmp_path / "save", target_modules=["query"], modules_to_save=["embeddings.LayerNorm"])
-    assert_refused_untouched(bert(), tmp_path / "save", r"modules_to_save=\['embeddings\.LayerNorm'\] \(PEFT trains")
+def test_import_refuses_embeddings_and_other_methods(tmp_path):
     peft_bert(tmp_path / "embedding", target_modules=["query", "word_embeddings"])
     assert_refused_untouched(
         bert(),
@@ -269,6 +350,11 @@ def test_import_refuses_modules_to_save_embeddings_and_other_methods(tmp_path):
         (dict(lora_dropout=1.5), r"adapter_config\.json: dropout must be a probability in \[0, 1\), got 1\.5$"),
         (dict(use_dora=True), r"'encoder\.layer\.0\.attention\.self\.query': the config says use_dora, so it needs"),
         (dict(lora_alpha=0), r"'encoder\.layer\.0\.attention\.self\.query': alpha must be a finite number > 0, got 0"),
+        (dict(modules_to_save="pooler"), r"modules_to_save must be a list of module names"),
+        (
+            dict(modules_to_save=["attention.self"]),
+            r"picks 'encoder\.layer\.0\.attention\.self', which is or holds 'encoder\.layer\.0\.attention\.self\.query'",
+        ),
     ],
     ids=[
         "bias",
@@ -281,6 +367,8 @@ def test_import_refuses_modules_to_save_embeddings_and_other_methods(tmp_path):
         "bad-dropout",
         "dora-without-magnitude",
         "bad-alpha",
+        "modules-to-save-not-a-list",
+        "modules-to-save-holding-lora",
     ],
 )
 def test_import_refuses_configs_it_cannot_represent(tmp_path, changes, match):
@@ -375,3 +463,56 @@ def test_export_names_modules_exactly_where_a_name_is_a_suffix_of_another(tmp_pa
     loratrf.inject(both, targets=[r"block\.(fc|out)"], rank=4, alpha=8)
     with pytest.raises(AdapterFileError, match="cannot give each of these LoRA layers its own rank and alpha"):
         loratrf.export_peft(both, tmp_path / "both")
+
+
+SMALL_LINEARS = ["layers.0.query", "layers.0.value", "layers.0.up", "layers.1.key", "layers.1.down"]
+SMALL_TRAINABLE = ["head", "layers.0.norm", "layers.1.norm"]
+
+
+@given(
+    groups=st.lists(
+        st.tuples(
+            st.lists(st.sampled_from(SMALL_LINEARS), unique=True, min_size=1, max_size=2),
+            st.integers(1, 4),
+            st.sampled_from([1.0, 3.0, 16.0]),
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    trainable=st.lists(st.sampled_from(SMALL_TRAINABLE), unique=True, max_size=2),
+    rslora=st.booleans(),
+    dora=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_export_then_import_computes_what_peft_computes(tmp_path_factory, groups, trainable, rslora, dora, seed):
+    """Any mix of ranks, alphas and trainable modules: PEFT computes what the exported model
+    computes, and importing the folder into the base gives back every tensor."""
+    torch.manual_seed(seed)
+    model = models.Net()
+    base = copy.deepcopy(model)
+    adapted: set[str] = set()
+    for names, rank, alpha in groups:
+        names = [n for n in names if n not in adapted]  # a layer gets one adapter
+        if names:
+            same = dict(rslora=rslora, dora=dora, trainable=[re.escape(m) for m in trainable])
+            loratrf.inject(model, targets=[re.escape(n) for n in names], rank=rank, alpha=alpha, **same)
+            adapted.update(names)
+    randomise_lora(model, seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.rpartition(".")[0] in trainable:
+                p.add_(torch.randn_like(p))
+    directory = tmp_path_factory.mktemp("peft")
+    config = loratrf.export_peft(model, directory)
+    assert config["modules_to_save"] == (sorted(trainable) or None)
+
+    ids = torch.randint(0, 20, (3, 5), generator=torch.Generator().manual_seed(seed))
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), directory)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids), model(ids), atol=ATOL, rtol=0)
+    fresh = copy.deepcopy(base)
+    loratrf.import_peft(fresh, directory)
+    ours, theirs = loratrf.adapter_state_dict(model), loratrf.adapter_state_dict(fresh)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids), model(ids), atol=0, rtol=0)

@@ -9,6 +9,13 @@ with `use_dora`). PEFT computes `base(x) + scale · B A dropout(x)` with
 with `U = Aᵀ` and `V = Bᵀ`; `A` and `B` keep that layout for GPT-2's Conv1D too
 (`fan_in_fan_out` only describes the base weight). Neither function needs PEFT installed.
 
+PEFT's `modules_to_save` (a classification head, say) are whole modules PEFT trains and saves,
+picked by the ends of their names; their tensors are keyed `base_model.model.<module>.<key>`
+as in the module's `state_dict()`. They are loratrf's trainable base parameters
+(`inject(trainable=...)`): `export_peft` writes the modules that own them, `import_peft` loads
+them into the base model's modules and keeps those trainable. PEFT keeps a copy per adapter;
+loratrf's trainable base parameters are shared by all adapters, as in its own adapter files.
+
 Module names are written exactly: `target_modules` lists the full names (PEFT matches list
 entries as name suffixes, so where an entry would also match another module it is one regex,
 which PEFT full-matches), and each layer whose rank or alpha differs from the config's `r` /
@@ -35,6 +42,7 @@ from torch import Tensor, nn
 from loratrf.adapter_file import full_tensor, trainable_base_parameters, write_atomically
 from loratrf.config import DEFAULT_ADAPTER, LoRASpec, Plan, check_adapter_name
 from loratrf.errors import AdapterFileError, InjectionError
+from loratrf.filter import TaskAwareFilter
 from loratrf.inject import SUPPORTED_TARGETS, apply_plan, engine_problem, named_candidates
 from loratrf.lora import LoRAAdapter, LoRALinear, is_conv1d
 from loratrf.walk import named_filters, named_lora_layers, unwrap
@@ -75,7 +83,6 @@ _UNDERSTOOD = {
 _NON_EMPTY_DEFAULTS = {"megatron_core": "megatron.core", "qalora_group_size": 16}
 # options that change what the model computes (or trains) in ways loratrf's LoRA cannot express
 _UNREPRESENTABLE = {
-    "modules_to_save": "PEFT trains and saves whole copies of these modules; loratrf's import adds LoRA layers only",
     "lora_bias": "PEFT trains a bias on each lora_B; loratrf's LoRA has none",
 }
 
@@ -94,10 +101,12 @@ def export_peft(
     `peft.PeftModel.from_pretrained(base_model, directory)` loads onto the base model to
     compute what `model` computes. Returns the config written.
 
-    PEFT's LoRA cannot express task-aware filters or trainable base parameters (a classifier
-    head, say): a model holding any is refused with `AdapterFileError`, unless `lora_only=True`
-    asks for the LoRA layers alone (the model PEFT loads then lacks the rest, and computes
-    something else). `base_model_name_or_path` goes into the config (default: the model's
+    Trainable base parameters (a classifier head kept trainable, say) go into the folder as
+    PEFT's `modules_to_save`: the modules that own them, with their whole `state_dict()`. PEFT's
+    LoRA cannot express task-aware filters: a model holding this adapter's is refused with
+    `AdapterFileError`, unless `lora_only=True` asks for the LoRA layers alone (the model PEFT
+    loads then lacks the filters and the trained modules, and computes something else).
+    `base_model_name_or_path` goes into the config (default: the model's
     `config._name_or_path`, for Hugging Face models). Under `torch.distributed` only rank 0
     writes; a sharded (FSDP2) model's tensors are gathered, so there every rank must call this.
     """
@@ -113,9 +122,14 @@ def export_peft(
             "pass export_peft(..., adapter=<one of them>)"
         )
     if not lora_only:
-        _refuse_what_peft_cannot_hold(root, adapter)
-    config = peft_config(root, layers, base_model_name_or_path)
-    tensors: dict[str, Tensor] = {}
+        _refuse_filters(root, adapter)
+    saved = {} if lora_only else _modules_to_save(root)
+    config = peft_config(root, layers, base_model_name_or_path, modules_to_save=list(saved))
+    tensors = {
+        f"{PREFIX}{name}.{key}": full_tensor(t.detach()).cpu().contiguous()
+        for name, module in saved.items()
+        for key, t in module.state_dict().items()
+    }
     for name, layer in layers.items():
         U, V = (full_tensor(p.detach()) for p in (layer.lora.U, layer.lora.V))
         if U.is_meta or V.is_meta:
@@ -136,10 +150,13 @@ def export_peft(
 
 
 def peft_config(
-    root: nn.Module, layers: Mapping[str, LoRALinear | LoRAAdapter], base_model_name_or_path: str | None = None
+    root: nn.Module,
+    layers: Mapping[str, LoRALinear | LoRAAdapter],
+    base_model_name_or_path: str | None = None,
+    modules_to_save: list[str] | None = None,
 ) -> dict[str, Any]:
     """The `adapter_config.json` (a `peft.LoraConfig`, as a dict) for one adapter's parts
-    (`LoRALinear.parts`) on these LoRA layers of `root`."""
+    (`LoRALinear.parts`) on these LoRA layers of `root`, and these modules to save (full names)."""
     dropouts = {layer.dropout for layer in layers.values()}
     rsloras = {layer.lora.rslora for layer in layers.values()}
     doras = {layer.dora for layer in layers.values()}
@@ -189,7 +206,7 @@ def peft_config(
         "use_dora": doras.pop(),
         "fan_in_fan_out": any(root.get_submodule(name).fan_in_fan_out for name in layers),
         "bias": "none",
-        "modules_to_save": None,
+        "modules_to_save": modules_to_save or None,
         "init_lora_weights": "gaussian" if init == "gaussian" else True,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -199,30 +216,36 @@ def peft_config(
 def import_peft(model: nn.Module, directory: str | os.PathLike, adapter: str = DEFAULT_ADAPTER) -> list[str]:
     """Inject LoRA layers from a PEFT LoRA adapter folder into `model`, the base model it was
     trained on, as adapter `adapter`, so that `model` computes what PEFT computes with it
-    (`rank_pattern`, `alpha_pattern`, `use_rslora`, DoRA, GPT-2's Conv1D included). Layers that
-    hold other adapters take it beside them (as PEFT's `load_adapter(..., adapter_name=...)`);
-    as with `inject`, the active adapter stays unless none was active. Like `inject`, this
-    freezes every base parameter; filters can be added afterwards with a further `inject`.
-    Returns the names of the layers injected.
+    (`rank_pattern`, `alpha_pattern`, `use_rslora`, DoRA, GPT-2's Conv1D, `modules_to_save`
+    included). Layers that hold other adapters take it beside them (as PEFT's
+    `load_adapter(..., adapter_name=...)`); as with `inject`, the active adapter stays unless
+    none was active. Like `inject`, this freezes every base parameter but those of the modules to
+    save, whose tensors it loads into the model's modules (shared by all adapters); filters can be
+    added afterwards with a further `inject`. Returns the names of the LoRA layers injected.
 
     Every check runs before the model changes. A folder without the two files, a file that is
     truncated or not PEFT's, or tensors that do not fit the model raise `AdapterFileError`;
-    so does whatever loratrf cannot represent (another `peft_type` than LoRA, `modules_to_save`,
-    LoRA on embeddings or convolutions, trained biases, ...), named in the message.
+    so does whatever loratrf cannot represent (another `peft_type` than LoRA, LoRA on
+    embeddings or convolutions, trained biases, ...), named in the message.
     """
     check_adapter_name(adapter)
     directory = Path(directory)
     config = read_peft_config(directory)
-    tensors = _read_weights(directory)
-    pairs = _lora_pairs(tensors, directory)
     root = unwrap(model)
     candidates = named_candidates(root)
+    saved, tensors = _saved_modules(config, _read_weights(directory), candidates, directory)
+    pairs = _lora_pairs(tensors, directory)
     specs = _specs(config, pairs, candidates, directory, adapter)
     if problem := engine_problem(model):
         raise InjectionError(f"cannot import the adapter into this model: {problem}")
-    apply_plan(root, Plan(specs, {}, ()), adapter)
+    trainable = [n for name in saved for n, _ in candidates[name].named_parameters(name, remove_duplicate=False)]
+    apply_plan(root, Plan(specs, {}, tuple(trainable)), adapter)
     layers = dict(named_lora_layers(root))
     with torch.no_grad():
+        for name, values in saved.items():
+            state = candidates[name].state_dict(keep_vars=True)
+            for key, tensor in values.items():
+                state[key].copy_(tensor)
         for name, pair in pairs.items():
             parts = layers[name].parts(adapter)
             parts.lora.U.copy_(pair["lora_A.weight"].T)
@@ -288,6 +311,49 @@ def _read_weights(directory: Path) -> dict[str, Tensor]:
             f"{path} is not a readable PEFT adapter weights file (truncated or corrupted): {type(e).__name__}: {e}"
         ) from None
     raise AdapterFileError(f"no PEFT adapter weights in {directory}: it holds no {WEIGHTS_NAME}")
+
+
+def _saved_modules(
+    config: Mapping[str, Any], tensors: Mapping[str, Tensor], candidates: Mapping[str, nn.Module], directory: Path
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+    """`(module name -> {state_dict key -> tensor}, the other tensors)`: the modules of this
+    model that `modules_to_save` names (by PEFT's rule: every module whose name ends with an
+    entry) and their tensors in the weights file, checked against the modules."""
+    entries = config.get("modules_to_save") or []
+    if not isinstance(entries, list) or not all(isinstance(e, str) and e for e in entries):
+        raise AdapterFileError(f"{directory / CONFIG_NAME}: modules_to_save must be a list of module names")
+    modules = {n: m for n, m in candidates.items() if any(n.endswith(e) for e in entries)}
+    states = {n: m.state_dict(keep_vars=True) for n, m in modules.items()}
+    owner = {f"{PREFIX}{n}.{key}": (n, key) for n, state in states.items() for key in state}
+    lora_modules = {match["module"] for key in tensors if (match := _KEY.fullmatch(key))}
+    saved: dict[str, dict[str, Tensor]] = {n: {} for n in modules}
+    rest, problems = {}, []
+    for key, tensor in tensors.items():
+        if key not in owner:
+            rest[key] = tensor
+            if entries and not _KEY.fullmatch(key) and "lora_" not in key:
+                problems.append(
+                    f"{key!r} is no LoRA tensor, and no module of this model that modules_to_save {entries} names "
+                    "holds it (is this the model the adapter was trained on, with its head?)"
+                )
+            continue
+        name, state_key = owner[key]
+        expected = tuple(states[name][state_key].shape)
+        if tuple(tensor.shape) != expected:
+            problems.append(f"{key!r}: shape {tuple(tensor.shape)}, where this model's module has {expected}")
+        saved[name][state_key] = tensor
+    for name, module in modules.items():
+        inside = [n for n in modules if n.startswith(f"{name}.")]
+        inside += [n for n, m in module.named_modules(prefix=name) if isinstance(m, (LoRALinear, TaskAwareFilter))]
+        inside += [n for n in lora_modules if n == name or n.startswith(f"{name}.")]
+        if inside:
+            problems.append(
+                f"modules_to_save picks {name!r}, which is or holds {inside[0]!r}, another module to save or one "
+                "with an adapter; a module is either saved whole or adapted"
+            )
+    if problems:
+        raise AdapterFileError(f"{directory} does not fit this model: " + "; ".join(dict.fromkeys(problems)))
+    return saved, rest
 
 
 def _lora_pairs(tensors: Mapping[str, Tensor], directory: Path) -> dict[str, dict[str, Tensor]]:
@@ -457,20 +523,42 @@ def _target_modules(root: nn.Module, names: list[str]) -> list[str] | str:
     return "|".join(re.escape(n) for n in names)
 
 
-def _refuse_what_peft_cannot_hold(root: nn.Module, adapter: str) -> None:
+def _refuse_filters(root: nn.Module, adapter: str) -> None:
     hosts = [host or "(the model itself)" for host, _ in named_filters(root, adapter)]
-    trainable = list(trainable_base_parameters(root))
-    held = []
     if hosts:
-        held.append(f"task-aware filters (on {', '.join(map(repr, hosts))})")
-    if trainable:
-        held.append(f"trainable base parameters ({', '.join(map(repr, trainable))})")
-    if held:
         raise AdapterFileError(
-            f"PEFT's LoRA format cannot hold the model's {' and '.join(held)}; export_peft(model, directory, "
-            "lora_only=True) writes the LoRA layers alone (PEFT then computes without the rest), and "
-            "loratrf.save_adapter saves everything"
+            f"PEFT's LoRA format cannot hold the model's task-aware filters (on {', '.join(map(repr, hosts))}); "
+            "export_peft(model, directory, lora_only=True) writes the LoRA layers alone (PEFT then computes "
+            "without the filters and the trainable base parameters), and loratrf.save_adapter saves everything"
         )
+
+
+def _modules_to_save(root: nn.Module) -> dict[str, nn.Module]:
+    """PEFT's `modules_to_save` for the trainable base parameters: `full name -> module` for the
+    modules that own them (one inside another listed is covered by it), each holding no adapter
+    and picked out exactly by PEFT's rule (every module whose name ends with an entry)."""
+    candidates, trainable = named_candidates(root), list(trainable_base_parameters(root))
+    owners = sorted({name.rpartition(".")[0] for name in trainable})
+    if "" in owners:
+        raise AdapterFileError(
+            "PEFT's modules_to_save holds submodules, not the model's own trainable parameters "
+            f"{[n for n in trainable if '.' not in n]}; freeze them, or keep them with loratrf.save_adapter"
+        )
+    owners = [o for o in owners if not any(o.startswith(f"{other}.") for other in owners)]
+    problems = []
+    for owner in owners:
+        modules = candidates[owner].named_modules(prefix=owner)
+        inside = [n for n, m in modules if isinstance(m, (LoRALinear, TaskAwareFilter))]
+        if inside:
+            problems.append(f"trainable module {owner!r} holds the adapter module {inside[0]!r}")
+        also = [n for n in candidates if n != owner and n.endswith(owner)]
+        if also:
+            problems.append(f"PEFT would also save {also} for the entry {owner!r} (it matches the ends of names)")
+    if problems:
+        raise AdapterFileError(
+            "cannot write the trainable base parameters as PEFT's modules_to_save: " + "; ".join(problems)
+        )
+    return {owner: candidates[owner] for owner in owners}
 
 
 def _most_common(values: Iterable[Any]) -> Any:
