@@ -272,6 +272,13 @@ def test_export_refuses_trainable_parameters_peft_cannot_save(tmp_path):
     loratrf.inject(model, targets=[r"block\.out"], trainable=["fc"])
     with pytest.raises(AdapterFileError, match=r"PEFT would also save \['block\.fc'\] for the entry 'fc'"):
         loratrf.export_peft(model, tmp_path)
+    model = Net()
+    loratrf.inject(model, targets=[r"block\.out"], trainable=[r"block\.fc"])
+    loratrf.inject(model, filters=[r"block\.fc"], adapter="b", trainable=[r"block\.fc"])  # another adapter's filter
+    with pytest.raises(
+        AdapterFileError, match=r"module 'block\.fc' holds the adapter module 'block\.fc\.task_filters\.b'"
+    ):
+        loratrf.export_peft(model, tmp_path)
     model = bert()
     loratrf.inject(model, targets=[r".*\.query"])
     model.register_parameter("temperature", torch.nn.Parameter(torch.ones(())))
