@@ -41,7 +41,7 @@ test: $(VENV)/.test
 demo: $(VENV)/.test
 	$(RUN) -m loratrf.experiments demo $(ARGS)
 
-# Every study of docs/results.md, one file per run in docs/results/runs/: about 25 CPU-hours in
+# Every study of docs/results.md, one file per run in docs/results/runs/: about 30 CPU-hours in
 # all; rerun to resume (finished runs are skipped). Pass options with ARGS="--study headline rank".
 study: $(VENV)/.test
 	$(RUN) -m loratrf.experiments grid --threads 1 $(ARGS)
