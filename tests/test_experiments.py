@@ -693,8 +693,10 @@ QUIET = {"log": lambda _: None}
 
 
 def every_run(seeds=(0, 1)):
-    """PAIR's runs in the runner's order: the sweep at seed 0, then the other seeds at the chosen rates."""
+    """PAIR's runs in the runner's order: the sweep at seed 0 (LoRATRF's, best at its top, grown
+    by 0.01, which is worse), then the other seeds at the chosen rates."""
     sweep = [(m, lr, "movies", 0) for m in PAIR["s"].methods for lr in (3e-4, 1e-3, 3e-3)]
+    sweep.append(("loratrf:v:r2", 1e-2, "movies", 0))
     return sweep + [(m, BEST[m.split(":")[0]], "movies", s) for s in seeds[1:] for m in PAIR["s"].methods]
 
 
@@ -719,16 +721,44 @@ def test_a_study_sweeps_on_dev_then_runs_every_seed_at_the_chosen_rate(tmp_path)
 def test_rates_come_from_finished_sweeps_fixed_specs_or_defaults():
     record = lambda m, lr, dev, task="movies": {"method": m, "task": task, "seed": 0, "lr": lr, "dev": dev}
     found = results.Runs(
-        [record("lora:v:r2", 3e-4, 0.7), record("lora:v:r2", 1e-3, 0.7), record("lora:v:r2", 3e-3, 0.6)]
+        [record("lora:v:r2", 3e-4, 0.6), record("lora:v:r2", 1e-3, 0.7), record("lora:v:r2", 3e-3, 0.7)]
     )
     lora = Method.parse("lora:v:r2")
-    assert found.rate(lora, "movies") == 3e-4  # a tie goes to the lower rate
-    assert found.rate(lora, "transfer") == 3e-4  # tuned on its training source's dev
-    assert found.rate(Method.parse("lora:v:r2:peft"), "movies") == 3e-4  # PEFT's LoRA takes loratrf's sweep
+    assert found.rate(lora, "movies") == 1e-3  # a tie goes to the lower rate
+    assert found.rate(lora, "transfer") == 1e-3  # tuned on its training source's dev
+    assert found.rate(Method.parse("lora:v:r2:peft"), "movies") == 1e-3  # PEFT's LoRA takes loratrf's sweep
     assert found.rate(Method.parse("lora:v:r4"), "movies") is None  # no sweep yet
     assert found.rate(Method.parse("lora:v:r4:lr=0.01"), "movies") == 0.01
     assert results.Runs([], tune=False).rate(Method.parse("full"), "movies") == 5e-5  # the demo: defaults
     assert results.choose({1e-3: 0.8, 3e-3: 0.9, 3e-4: 0.9}) == 3e-4
+
+
+def test_the_next_rate_past_an_edge_is_on_the_one_three_grid():
+    assert [results.past(lr, up=True) for lr in (3e-3, 1e-2, 2e-4, 1e-3, 0.3)] == [1e-2, 3e-2, 3e-4, 3e-3, 1.0]
+    assert [results.past(lr, up=False) for lr in (3e-4, 1e-4, 2e-5, 1e-3, 0.3)] == [1e-4, 3e-5, 1e-5, 3e-4, 0.1]
+
+
+def test_a_sweep_grows_past_the_edge_its_best_rate_sits_on_at_most_twice():
+    record = lambda lr, dev: {"method": "lora:v:r2", "task": "movies", "seed": 0, "lr": lr, "dev": dev}
+    lora = Method.parse("lora:v:r2")
+    base = [record(3e-4, 0.6), record(1e-3, 0.7), record(3e-3, 0.8)]
+    runs = results.Runs(base)
+    assert runs.sweep(lora, "movies") == {3e-4: base[0], 1e-3: base[1], 3e-3: base[2], 1e-2: None}
+    assert runs.rate(lora, "movies") is None  # waits for the run past the top
+    runs = results.Runs([*base, record(1e-2, 0.75)])
+    assert runs.rate(lora, "movies") == 3e-3 and list(runs.sweep(lora, "movies")) == [3e-4, 1e-3, 3e-3, 1e-2]
+    rising = [*base, record(1e-2, 0.85), record(3e-2, 0.9), record(0.1, 0.95)]  # 0.1: past the growth
+    runs = results.Runs(rising)
+    assert list(runs.sweep(lora, "movies")) == [3e-4, 1e-3, 3e-3, 1e-2, 3e-2] and runs.rate(lora, "movies") == 3e-2
+    assert list(runs.beyond_sweep(lora, "movies")) == [0.1]
+    study = Study("s", ("lora:v:r2",), ("movies",))
+    (row,) = [line for line in report.sweep_table(study, runs) if line.startswith("| LoRA")]
+    assert row.endswith(f"**0.03: 90.0**{report.EDGE}; {report.BEYOND} 0.1: 95.0 |")
+    falling = [record(3e-4, 0.8), record(1e-3, 0.7), record(3e-3, 0.6), record(1e-4, 0.9), record(3e-5, 0.85)]
+    runs = results.Runs(falling)
+    assert list(runs.sweep(lora, "movies")) == [3e-5, 1e-4, 3e-4, 1e-3, 3e-3] and runs.rate(lora, "movies") == 1e-4
+    (row,) = [line for line in report.sweep_table(study, runs) if line.startswith("| LoRA")]
+    assert report.EDGE not in row and "**0.0001: 90.0**" in row
 
 
 def test_processes_sharing_a_folder_train_each_run_once(tmp_path):
@@ -815,45 +845,58 @@ def test_the_report_answers_the_claims_with_intervals_and_says_what_is_not_yet_r
     assert "| 10 / 0, p = 0.002 | resolved: higher |" in text.split("### headline")[1]  # the comparison table
     assert "| 0 / 0, p = 1 | unresolved (interval spans 0) |" in text.split("### peft")[1]
     # planned, 3 seeds: 24 distinct swept methods on movies x (3 rates + 2 seeds), PEFT's 3 seeds; domains:
-    # 3 methods x (3 seeds on transfer, tuned on movies' sweep, + 5 on each of 3 domains); TREC 3 x 5
-    assert "In all: 33 runs done of 192 planned" in text and 24 * 5 + 3 + 3 * (3 + 3 * 5) + 3 * 5 == 192
-    assert "| [headline](#headline) | 10 / 10 | 2 min |" in text
+    # 3 methods x (3 seeds on transfer, tuned on movies' sweep, + 5 on each of 3 domains); TREC 3 x 5; and
+    # a rate of 0.01 for the 3 finished LoRATRF sweeps, best at their top (3e-3)
+    assert "In all: 36 runs done of 195 planned" in text and 24 * 5 + 3 + 3 * (3 + 3 * 5) + 3 * 5 + 3 == 195
+    assert "| [headline](#headline) | 11 / 11 | 2 min |" in text
     assert "Not yet run (15 runs planned)" in text.split("### trec")[1]  # 3 methods: 3 rates + 4 more seeds
-    module = text.split("### module")[1].split("###")[0]  # v,f1,f2 done (headline): 3 rates + 2 seeds of 6 x 5
-    assert "| LoRATRF r=24 (q,v + filters r=8) | sweep not finished |" in module and "5 of 30 runs done" in module
+    module = text.split("### module")[1].split("###")[0]  # v,f1,f2 done (headline): 4 rates + 2 seeds of 6 x 5 + 1
+    assert "| LoRATRF r=24 (q,v + filters r=8) | sweep not finished |" in module and "6 of 31 runs done" in module
     assert "**0.003: 60.0**" in text and "**0.001: 60.0**" in text  # the sweeps, with the choices
-    # the fake trainer's dev accuracy is best at 0.003 (the sweep's top) for LoRATRF, at 0.001 for LoRA
-    edge = f"0.0003: 50.0 · 0.001: 50.0 · **0.003: 60.0**{report.EDGE} |"
-    assert f"| LoRATRF r=8 (v,f1,f2 + filters) | movies | {edge}" in text
+    # the fake trainer's dev accuracy is best at 0.003 (the sweep's top, grown by 0.01) for LoRATRF, 0.001 for LoRA
+    grown = "0.0003: 50.0 · 0.001: 50.0 · **0.003: 60.0** · 0.01: 50.0 |"
+    assert f"| LoRATRF r=8 (v,f1,f2 + filters) | movies | {grown}" in text
     assert "| LoRA r=8 (q,k,v,o,f1,f2) | movies | 0.0003: 50.0 · **0.001: 60.0** · 0.003: 50.0 |" in text
     assert (tmp_path / "docs" / "results" / "headline.png").stat().st_size > 1000
     assert (tmp_path / "docs" / "results" / "rank.png").stat().st_size > 1000
 
 
 class PastTheEdge(FakeTrainer):
-    """The fake, except that a run at 0.01 (outside every sweep) scores best on dev."""
+    """The fake, except that a run at 0.01 (past the top of every adapter sweep) scores best on dev."""
 
     def run(self, spec, label):
         record = super().run(spec, label)
         return {**record, "dev": 0.9} if spec.lr == 0.01 else record
 
 
-def test_a_run_past_the_sweeps_edge_is_reported_beside_the_sweep_and_never_sets_the_rate(tmp_path):
+def test_a_sweep_grows_past_its_edge_and_a_run_outside_it_never_sets_the_rate(tmp_path):
     chosen = {"headline": studies(minilm_shaped_model())["headline"]}
     trainer, folder = PastTheEdge(), tmp_path / "runs"
-    run_studies(trainer, chosen, [0], folder, **QUIET)
-    past = Study("past the edge", ("loratrf:v,f1,f2:r8:lr=0.01",), ("movies",))
+    run_studies(trainer, chosen, [0, 1], folder, **QUIET)
+    loratrf_r8, lora_all = Method.parse("loratrf:v,f1,f2:r8"), Method.parse("lora:all:r8")
+    # LoRATRF's sweep is best at its top (3e-3): it grows by 0.01, best again, then by 0.03, worse
+    assert [(lr, seed) for m, lr, _, seed in trainer.trained if m == str(loratrf_r8)] == [
+        (3e-4, 0),
+        (1e-3, 0),
+        (3e-3, 0),
+        (1e-2, 0),
+        (3e-2, 0),
+        (1e-2, 1),
+    ]
+    past = Study("past the edge", ("lora:all:r8:lr=0.01",), ("movies",))
     runs = run_studies(trainer, {"past": past}, [0], folder, **QUIET)
-    loratrf_r8 = Method.parse("loratrf:v,f1,f2:r8")
-    assert set(runs.beyond_sweep(loratrf_r8, "movies")) == {0.01}
-    assert runs.rate(loratrf_r8, "movies") == 3e-3  # 0.01's dev of 90.0 is not a candidate
-    assert runs.beyond_sweep(Method.parse("lora:all:r8"), "movies") == {}
+    assert runs.rate(loratrf_r8, "movies") == 0.01
+    assert set(runs.beyond_sweep(lora_all, "movies")) == {0.01}  # LoRA's best, 1e-3, is inside its sweep
+    assert runs.rate(lora_all, "movies") == 1e-3  # 0.01's dev of 90.0 is not a candidate
+    assert runs.beyond_sweep(loratrf_r8, "movies") == {}
     page = tmp_path / "results.md"
-    report.write_page(runs, chosen, trainer.config, [0], page, tmp_path / "figures", title="t")
+    report.write_page(runs, chosen, trainer.config, [0, 1], page, tmp_path / "figures", title="t")
     text = page.read_text()
-    row = f"**0.003: 60.0**{report.EDGE}; {report.BEYOND} 0.01: 90.0 |"
-    assert f"| LoRATRF r=8 (v,f1,f2 + filters) | movies | 0.0003: 50.0 · 0.001: 50.0 · {row}" in text
-    assert "In all: 6 runs done of 6 planned, and 1 run that no study here plans" in text
+    grown = "0.0003: 50.0 · 0.001: 50.0 · 0.003: 60.0 · **0.01: 90.0** · 0.03: 50.0 |"
+    assert f"| LoRATRF r=8 (v,f1,f2 + filters) | movies | {grown}" in text
+    row = f"0.0003: 50.0 · **0.001: 60.0** · 0.003: 50.0; {report.BEYOND} 0.01: 90.0 |"
+    assert f"| LoRA r=8 (q,k,v,o,f1,f2) | movies | {row}" in text
+    assert "In all: 10 runs done of 10 planned, and 1 run that no study here plans" in text
 
 
 # --- PEFT's LoRA beside loratrf's ------------------------------------------------------------------------
@@ -953,19 +996,25 @@ def test_smoke_grid_sweeps_resumes_and_reports(tmp_path, capsys):
     argv = ["grid", "--smoke", "--threads", "1", "--methods", "lora:v:r2", "--seeds", "0", "1", "--out", str(tmp_path)]
     assert cli.main(argv) == 0
     found = runs_in(tmp_path)
-    assert sorted(k for k in found if k[2] == 0) == [("lora:v:r2", lr, 0) for lr in (3e-4, 1e-3, 3e-3)]
-    chosen = max((3e-4, 1e-3, 3e-3), key=lambda lr: (found["lora:v:r2", lr, 0]["dev"], -lr))  # ties: the lower
+    grid, low, high = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2], 3, 5  # the sweep: grid[low:high + 1]
+    for _ in range(2):  # grown past the edge its best sits on, at most twice; ties go to the lower rate
+        best = max(grid[low : high + 1], key=lambda lr: (found["lora:v:r2", lr, 0]["dev"], -lr))
+        low, high = low - (best == grid[low]), high + (best == grid[high])
+    sweep = grid[low : high + 1]
+    assert sorted(k for k in found if k[2] == 0) == [("lora:v:r2", lr, 0) for lr in sweep]
+    chosen = max(sweep, key=lambda lr: (found["lora:v:r2", lr, 0]["dev"], -lr))
     assert [k for k in found if k[2] == 1] == [("lora:v:r2", chosen, 1)]  # seed 1 at the rate chosen on dev
     capsys.readouterr()
     assert cli.main(argv) == 0  # the same command again resumes: nothing left to train
     out = capsys.readouterr().out
-    assert "custom, learning-rate sweep: 3 runs, 3 already in" in out and "seeds 0, 1: 2 runs, 2 already in" in out
+    assert f"custom, learning-rate sweep: {len(sweep)} runs, {len(sweep)} already in" in out
+    assert "seeds 0, 1: 2 runs, 2 already in" in out
     page = tmp_path / "results.md"
     assert cli.main(["report", "--smoke", "--out", str(tmp_path), "--page", str(page), "--figures", str(tmp_path)]) == 0
     text = page.read_text()
     assert "LoRA r=2 (v)" not in text  # the custom grid is not among the reported studies
     assert "1. **LoRATRF ≥ LoRA with fewer parameters**: not yet measured" in text
-    assert re.search(r"In all: 0 runs done of \d+ planned, and 4 runs that no study here plans", text)
+    assert re.search(rf"In all: 0 runs done of \d+ planned, and {len(sweep) + 1} runs that no study here plans", text)
 
 
 @needs_demo_packages

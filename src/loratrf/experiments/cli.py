@@ -15,6 +15,7 @@ import torch
 from loratrf.experiments.data import TASKS
 from loratrf.experiments.methods import EXAMPLES, GRAMMAR, LR_SWEEP, Method
 from loratrf.experiments.packages import MissingPackage
+from loratrf.experiments.results import GROWTH
 from loratrf.experiments.studies import RANKS, STUDY_NAMES, Study, studies
 from loratrf.experiments.training import TrainingConfig
 
@@ -162,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"studies (grid --study NAME): {', '.join(STUDY_NAMES)}")
             print("methods (an example spec of each):")
             print("\n".join(f"  {name:<17} {spec}" for name, spec in EXAMPLES.items()))
-            print("learning-rate sweeps: " + "; ".join(f"{k} {', '.join(map(str, v))}" for k, v in LR_SWEEP.items()))
+            sweeps = "; ".join(f"{k} {', '.join(map(str, v))}" for k, v in LR_SWEEP.items())
+            print(
+                f"learning-rate sweeps: {sweeps} (each grown past its edge, at most {GROWTH} rates, while its best sits there)"
+            )
             print(GRAMMAR)
         elif args.command == "report":
             from loratrf.experiments.backbone import Backbone

@@ -77,7 +77,8 @@ EXAMPLES = {
 ALPHA = 16.0
 # The learning rates a study sweeps for each kind (on dev, seed 0; each spans 10x): full
 # fine-tuning around BERT's usual 5e-5, every adapter method around 1e-3 (LoRA's usual range is
-# 5e-4 to 2e-3 at alpha/r = 2). The middle value is the default, which the demo uses untuned.
+# 5e-4 to 2e-3 at alpha/r = 2). The middle value is the default, which the demo uses untuned. A
+# sweep grows past its edge while its best rate sits there (`results.Runs.sweep`).
 ADAPTER_SWEEP = (3e-4, 1e-3, 3e-3)
 LR_SWEEP = {
     "full": (2e-5, 5e-5, 2e-4),

@@ -19,14 +19,24 @@ from loratrf.experiments.gate_picture import draw_study
 from loratrf.experiments.gate_stats import console_gates, gate_lines
 from loratrf.experiments.methods import Method
 from loratrf.experiments.packages import require
-from loratrf.experiments.results import LEVEL, SWEEP_SEED, Interval, Paired, Runs, contrast, mean_std, sweep_task
+from loratrf.experiments.results import (
+    GROWTH,
+    LEVEL,
+    SWEEP_SEED,
+    Interval,
+    Paired,
+    Runs,
+    contrast,
+    mean_std,
+    sweep_task,
+)
 from loratrf.experiments.runner import seed_runs, sweep_runs
 from loratrf.experiments.studies import PAPER_LORA, PAPER_LORATRF, Study
 from loratrf.experiments.training import TrainingConfig
 
 NOTES = ("<!-- notes: kept when the page is regenerated -->", "<!-- end of notes -->")
-EDGE = " (best at the sweep's edge)"  # a sweep row whose chosen rate is its lowest or highest
-BEYOND = "outside the sweep, not used to choose:"  # seed-0 runs at other rates (checks past an edge)
+EDGE = " (best at the edge of the grown sweep)"  # its chosen rate is still its lowest or highest
+BEYOND = "outside the sweep, not used to choose:"  # seed-0 runs at other rates
 
 
 def percent(values: Sequence[float]) -> str:
@@ -107,7 +117,7 @@ def method_table(study: Study, runs: Runs) -> list[str]:
 
 def sweep_table(study: Study, runs: Runs) -> list[str]:
     """Each swept method's dev accuracy at every rate of its sweep, the chosen rate in bold, and
-    a mark where that is the sweep's lowest or highest rate (a wider sweep might do better)."""
+    a mark where that is still the lowest or highest rate once the sweep has grown (`GROWTH`)."""
     lines = ["| method | tuned on | dev acc at each learning rate (seed 0) |", "|---|---|---|"]
     for task in dict.fromkeys(TASKS[t].train for t in study.tasks):
         for spec in study.methods:
@@ -163,7 +173,7 @@ def study_runs(study: Study, runs: Runs, seeds: Sequence[int]) -> tuple[list[Map
     """The finished runs a study uses (its sweep and its seeds at the chosen rates), and every
     run it plans, as `(method, task, seed, lr)` keys (lr None: a seed waiting on its sweep,
     unless that run is one of the sweep's)."""
-    planned = list(dict.fromkeys(sweep_runs(study) if runs.tune else []))
+    planned = list(dict.fromkeys(sweep_runs(study, runs) if runs.tune else []))
     specs, waiting = seed_runs(study, seeds, runs)
     planned += [s for s in dict.fromkeys(specs) if s not in planned]
     done = [r for s in planned if (r := runs.get(s.method, s.task, s.seed, s.lr)) is not None]
@@ -195,8 +205,8 @@ def compute_lines(chosen: Mapping[str, Study], runs: Runs, seeds: Sequence[int])
     outside = sum(key not in every_planned for key in runs.records)
     per_run = f"{seconds(every) / len(every):.0f} s a run on average; " if every else ""
     extra = (
-        f", and {outside} {'run' if outside == 1 else 'runs'} that no study here plans (such as rates past a "
-        "sweep's edge, in the sweep tables)"
+        f", and {outside} {'run' if outside == 1 else 'runs'} that no study here plans (such as seeds at a rate "
+        "a grown sweep no longer chose, or rates outside a sweep)"
         if outside
         else ""
     )
@@ -392,8 +402,10 @@ def setup_lines(config: TrainingConfig, runs: Runs, seeds: Sequence[int]) -> lis
         lines.append(
             f"- learning rates: each method's chosen on dev from its sweep at seed {SWEEP_SEED} (the sweep "
             "tables; ties go to the lower rate), then every seed at that rate; PEFT's LoRA takes loratrf's. "
-            f"A sweep marked{EDGE} chose its lowest or highest rate, so a wider sweep might find a better one; "
-            f"runs at other rates, where there are any, follow the sweep ({BEYOND} ...)"
+            "A sweep whose best rate is its lowest or highest grows by the next rate past that edge (on the "
+            f"grid 1, 3, 10, 30, ... times a power of ten), at most {GROWTH} rates; one marked{EDGE} chose its "
+            f"last, so a wider sweep might find a better one; runs at other rates, where there are any, follow "
+            f"the sweep ({BEYOND} ...)"
         )
     if any_run:
         v, m = any_run["versions"], any_run["machine"]

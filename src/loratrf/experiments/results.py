@@ -7,8 +7,10 @@ whole (a temporary file, then `os.replace`), so a folder holds only finished run
 processes that train the same run replace one valid file with another.
 
 Learning rates: a method without a fixed rate runs every seed at the rate its sweep chose,
-the `LR_SWEEP` value with the best dev accuracy at seed `SWEEP_SEED` on the task's training
-source. Comparisons are paired: the same seeds, the same test sentences.
+the rate with the best dev accuracy at seed `SWEEP_SEED` on the task's training source. A
+sweep is `LR_SWEEP`'s rates and, while its best is its lowest or highest rate, the next rate
+past that edge, at most `GROWTH` more. Comparisons are paired: the same seeds, the same test
+sentences.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from loratrf.experiments.methods import LR_SWEEP, Method
 from loratrf.experiments.training import TrainingConfig
 
 SWEEP_SEED = 0
+GROWTH = 2  # rates a sweep may grow by past the edge its best rate sits on
 LEVEL = 0.95  # of every confidence interval
 
 
@@ -239,6 +242,13 @@ def choose(dev: Mapping[float, float]) -> float:
     return max(sorted(dev), key=lambda lr: dev[lr])
 
 
+def past(lr: float, up: bool) -> float:
+    """The next rate above `lr` (`up`) or below it on the grid 1, 3, 10, 30, ... times a power of ten."""
+    exponent = math.floor(math.log10(lr))
+    grid = [float(f"{m}e{e}") for e in range(exponent - 1, exponent + 2) for m in (1, 3)]
+    return min(g for g in grid if g > lr * (1 + 1e-9)) if up else max(g for g in grid if g < lr * (1 - 1e-9))
+
+
 class Runs:
     """The records of one training config, indexed by `(method, task, seed, lr)`.
 
@@ -253,18 +263,29 @@ class Runs:
         return self.records.get((str(dataclasses.replace(method, lr=None)), task, seed, lr))
 
     def sweep(self, method: Method, task: str) -> dict[float, Mapping | None]:
-        """`{rate: run or None}`: the sweep that sets `method`'s rate on `task`."""
-        tuned = method.tuned_as
-        return {lr: self.get(tuned, sweep_task(task), SWEEP_SEED, lr) for lr in LR_SWEEP[method.kind]}
+        """`{rate: run or None}`, by rate: the sweep that sets `method`'s rate on `task`,
+        `LR_SWEEP`'s rates grown, once they are all finished and while the best is the lowest
+        or the highest, by the next rate past that edge (`past`), at most `GROWTH` times."""
+        tuned, source = method.tuned_as, sweep_task(task)
+        found = {lr: self.get(tuned, source, SWEEP_SEED, lr) for lr in LR_SWEEP[method.kind]}
+        for _ in range(GROWTH):
+            if any(run is None for run in found.values()):
+                break
+            best = choose({lr: run["dev"] for lr, run in found.items()})
+            if best not in (min(found), max(found)):
+                break
+            lr = past(best, up=best == max(found))
+            found[lr] = self.get(tuned, source, SWEEP_SEED, lr)
+        return dict(sorted(found.items()))
 
     def beyond_sweep(self, method: Method, task: str) -> dict[float, Mapping]:
-        """`{rate: run}`: finished runs at the sweep's seed and task at rates outside the sweep
-        (checks past its edge); they show in the report but never set the rate."""
-        tuned = str(method.tuned_as)
+        """`{rate: run}`: finished runs at the sweep's seed and task at rates outside the sweep;
+        they show in the report but never set the rate."""
+        tuned, rates = str(method.tuned_as), self.sweep(method, task)
         found = {
             lr: r
             for (m, t, s, lr), r in self.records.items()
-            if (m, t, s) == (tuned, sweep_task(task), SWEEP_SEED) and lr not in LR_SWEEP[method.kind]
+            if (m, t, s) == (tuned, sweep_task(task), SWEEP_SEED) and lr not in rates
         }
         return dict(sorted(found.items()))
 

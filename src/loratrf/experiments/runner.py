@@ -2,8 +2,8 @@
 and seeds, one run file each (results.py).
 
 A study runs in two phases: the sweep (every `LR_SWEEP` rate of each method without a fixed
-rate, at seed `SWEEP_SEED`, on each task's training source), then every seed at the rate the
-sweep chose on dev. A run whose file exists is skipped, so rerunning the same command resumes,
+rate, at seed `SWEEP_SEED`, on each task's training source, grown past its edge while its best
+rate sits there: `Runs.sweep`), then every seed at the rate the sweep chose on dev. A run whose file exists is skipped, so rerunning the same command resumes,
 and a killed runner loses only the run it was training.
 
 Several processes may run the same studies into one folder: before training a run a process
@@ -33,7 +33,7 @@ import loratrf
 from loratrf.experiments.backbone import Backbone
 from loratrf.experiments.data import TASKS, load_source, split
 from loratrf.experiments.gate_stats import probe
-from loratrf.experiments.methods import CALIBRATION_STARTS, GATE_RANGE, LR_SWEEP, AdaLoRA, Method, prepare
+from loratrf.experiments.methods import CALIBRATION_STARTS, GATE_RANGE, AdaLoRA, Method, prepare
 from loratrf.experiments.results import (
     SWEEP_SEED,
     Runs,
@@ -227,15 +227,17 @@ def release(path: Path) -> None:
 # --- studies ---------------------------------------------------------------------------------------
 
 
-def sweep_runs(study: Study) -> list[RunSpec]:
-    """The sweep of every method of `study` without a fixed rate (PEFT's LoRA: loratrf's)."""
-    runs = []
+def sweep_runs(study: Study, runs: Runs) -> list[RunSpec]:
+    """The sweep of every method of `study` without a fixed rate (PEFT's LoRA: loratrf's), as
+    far as `runs` tell (a sweep grows past its edge once its rates are finished)."""
+    specs = []
     for spec in study.methods:
         method = Method.parse(spec)
         if method.lr is None:
             for task in study.tasks:
-                runs += [RunSpec(method.tuned_as, lr, sweep_task(task), SWEEP_SEED) for lr in LR_SWEEP[method.kind]]
-    return runs
+                tuned, source = method.tuned_as, sweep_task(task)
+                specs += [RunSpec(tuned, lr, source, SWEEP_SEED) for lr in runs.sweep(method, task)]
+    return specs
 
 
 def seed_runs(study: Study, seeds: Sequence[int], runs: Runs) -> tuple[list[RunSpec], list[tuple[Method, str, int]]]:
@@ -270,12 +272,13 @@ def run_studies(
     config = trainer.config
     context = environment()
 
-    def execute(specs: Sequence[RunSpec], what: str) -> None:
+    def execute(specs: Sequence[RunSpec], what: str) -> int:
+        """Train the missing runs of `specs`; returns how many this process trained."""
         specs = list(dict.fromkeys(specs))
         paths = [run_path(folder, s.identity(config)) for s in specs]
         todo = [(s, p) for s, p in zip(specs, paths) if not p.exists()]
         log(f"{what}: {len(specs)} runs, {len(specs) - len(todo)} already in {folder}, {len(todo)} to train")
-        held = 0
+        held = trained = 0
         for number, (spec, path) in enumerate(todo, start=1):
             if not claim(path):
                 held += 1
@@ -288,16 +291,21 @@ def run_studies(
                 write_run(path, {**spec.identity(config), **record, **context})
                 tests = ", ".join(f"{s} {a:.3f}" for s, a in record["test"].items())
                 log(f"    dev {record['dev']:.3f}, test {tests}; {record['train_seconds']:.0f} s training")
+                trained += 1
             finally:
                 release(path)
         if held:
             log(f"    {held} runs held by other processes, left to them")
+        return trained
+
+    def current() -> Runs:
+        return Runs(read_runs(folder, config), tune=tune)
 
     for name, study in chosen.items():
-        if tune:
-            execute(sweep_runs(study), f"{name}, learning-rate sweep")
-        specs, waiting = seed_runs(study, seeds, Runs(read_runs(folder, config), tune=tune))
+        while tune and execute(sweep_runs(study, current()), f"{name}, learning-rate sweep"):
+            pass  # until no sweep grows past its edge
+        specs, waiting = seed_runs(study, seeds, current())
         execute(specs, f"{name}, seeds {', '.join(map(str, seeds))}")
         if waiting:
             log(f"    {len(waiting)} runs wait for a sweep that other processes hold; run again once it is done")
-    return Runs(read_runs(folder, config), tune=tune)
+    return current()
