@@ -164,9 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             print("methods (an example spec of each):")
             print("\n".join(f"  {name:<17} {spec}" for name, spec in EXAMPLES.items()))
             sweeps = "; ".join(f"{k} {', '.join(map(str, v))}" for k, v in LR_SWEEP.items())
-            print(
-                f"learning-rate sweeps: {sweeps} (each grown past its edge, at most {GROWTH} rates, while its best sits there)"
-            )
+            print(f"learning-rate sweeps: {sweeps} (each grown past the edge its best sits on, at most {GROWTH} rates)")
             print(GRAMMAR)
         elif args.command == "report":
             from loratrf.experiments.backbone import Backbone

@@ -3,8 +3,9 @@ and seeds, one run file each (results.py).
 
 A study runs in two phases: the sweep (every `LR_SWEEP` rate of each method without a fixed
 rate, at seed `SWEEP_SEED`, on each task's training source, grown past its edge while its best
-rate sits there: `Runs.sweep`), then every seed at the rate the sweep chose on dev. A run whose file exists is skipped, so rerunning the same command resumes,
-and a killed runner loses only the run it was training.
+rate sits there: `Runs.sweep`), then every seed at the rate the sweep chose on dev. A run whose
+file exists is skipped, so rerunning the same command resumes, and a killed runner loses only
+the run it was training.
 
 Several processes may run the same studies into one folder: before training a run a process
 claims it with a marker file created atomically (`<run file>.claim`, holding its host and pid),
