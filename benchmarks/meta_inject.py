@@ -46,6 +46,7 @@ def rss_mib() -> float:
 
 
 def build() -> torch.nn.Module:
+    """LLaMA-7B (Touvron et al. 2023) on the meta device: no storage."""
     with torch.device("meta"):
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_7B))
 
@@ -73,10 +74,10 @@ def measure(config: loratrf.InjectionConfig, repeats: int) -> None:
     print(f"  LoRA {counts.lora:,}  filters {counts.filter:,}  base {counts.base_total:,}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=9)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     transformers.logging.set_verbosity_error()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
     print(f"LLaMA-7B shape on meta, {args.repeats} repeats")

@@ -1,4 +1,6 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,9 @@ settings.register_profile(
 )
 settings.register_profile("explore", parent=settings.get_profile("default"), derandomize=False, max_examples=300)
 settings.load_profile("default")
+
+# The benchmark scripts are importable by the tests (their smoke runs, and the models they time).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 # The tests use small tensors, where extra threads only add synchronisation; on a shared
 # 2-core machine they made the suite many times slower.

@@ -1,17 +1,12 @@
 """The benchmark runner runs end to end (tiny shapes, one round); figures are not checked."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from loratrf import LoRALinear, kernels
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import cases  # noqa: E402
-import run  # noqa: E402
+import cases
+import run
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -97,3 +92,13 @@ def test_the_dora_benchmark_runs_end_to_end(capsys):
     assert "CPU: " in out and "thread(s)" in out
     for name in ("nn.Linear (frozen)", "loratrf LoRA", "loratrf DoRA", "PEFT", "loratrf DoRA / PEFT"):
         assert name in out
+
+
+def test_the_meta_inject_benchmark_runs_end_to_end(capsys):
+    pytest.importorskip("transformers", reason="the `hf` extra (transformers) is not installed")
+    import meta_inject
+
+    meta_inject.main(["--repeats", "1"])
+    out = capsys.readouterr().out
+    assert out.count("every tensor is on meta") == 2
+    assert "LoRA 39,321,600  filters 8,519,680" in out and "LoRA 64,487,424  filters 0" in out

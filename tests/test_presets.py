@@ -9,6 +9,7 @@ import torch
 
 import loratrf
 from hf_architectures import LAYERS, deberta_v3, encoder_config, gpt2, llama, t5, transformers
+import meta_inject  # after hf_architectures, which skips this file without transformers
 from loratrf import InjectionConfig, presets
 from loratrf.walk import named_filters, named_lora_layers
 
@@ -174,22 +175,6 @@ def deberta_v3_base():
         return transformers.DebertaV2Model(config)
 
 
-def llama_7b():
-    """LLaMA-7B's config (Touvron et al. 2023), built on the meta device (no memory)."""
-    config = transformers.LlamaConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-    )
-    with torch.device("meta"):
-        return transformers.LlamaForCausalLM(config)
-
-
 def counts(model, config):
     loratrf.inject(model, **config.to_dict())
     assert all(p.is_meta for p in model.parameters())
@@ -223,12 +208,12 @@ def test_deberta_v3_base_budgets_are_the_papers():
 def test_llama_7b_budgets():
     d, ffn, layers, vocab, r = 4096, 11008, 32, 32000, 32
     base = 2 * vocab * d + d + layers * (4 * d * d + 3 * d * ffn + 2 * d)  # no biases, untied head
-    lora = counts(llama_7b(), presets.LORA_LLAMA)
+    lora = counts(meta_inject.build(), presets.LORA_LLAMA)
     assert (
         lora.lora == layers * (4 * lora_params(r, d, d) + lora_params(r, d, ffn) + lora_params(r, ffn, d)) == 64_487_424
     )
     assert (lora.filter, lora.base_total) == (0, base) and base == 6_738_415_616
-    loratrf_ = counts(llama_7b(), presets.LORATRF_LLAMA)
+    loratrf_ = counts(meta_inject.build(), presets.LORATRF_LLAMA)
     assert (
         loratrf_.lora == layers * (lora_params(r, d, d) + lora_params(r, d, ffn) + lora_params(r, ffn, d)) == 39_321_600
     )
