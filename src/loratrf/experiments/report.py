@@ -341,10 +341,10 @@ def plot(study: Study, runs: Runs, path: Path) -> Path | None:
             xs = [g + (i - (len(study.methods) - 1) / 2) * width for g, _ in bars]
             drawn = ax.bar(xs, [f[0] for _, f in bars], width, yerr=[f[1] for _, f in bars], capsize=2)
             drawn.set_label(Method.parse(method).title)
-            ax.bar_label(drawn, fmt="%.1f", fontsize=6, padding=2)
+            ax.bar_label(drawn, fmt="%.1f", fontsize=6, padding=2, rotation=90)
             lows += [f[0] for _, f in bars]
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels([where(t, s) for t, s in groups], fontsize=8)
+        ax.set_xticklabels([t if s == t else f"{t}:\n{s}" for t, s in groups], fontsize=8)
         ax.set_ylim(max(0, math.floor(min(lows, default=50) / 5) * 5 - 5), 100)
     if not ax.has_data():
         plt.close(fig)
@@ -352,7 +352,7 @@ def plot(study: Study, runs: Runs, path: Path) -> Path | None:
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
     ax.set_title(study.question.split(":")[0].split("(")[0].strip(), fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
     if pairs:
         _differences(axes[0][1], pairs)
     fig.tight_layout()
