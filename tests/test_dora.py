@@ -288,7 +288,7 @@ def test_safe_merge_refuses_a_non_finite_magnitude_and_leaves_the_weight():
 def test_backward_through_a_merged_dora_layer_is_refused():
     layer = LoRALinear(4, 3, 2, dora=True)
     layer.merge()
-    with pytest.raises(MergeError, match="backward through a merged LoRALinear"):
+    with pytest.raises(MergeError, match="backward through a merged LoRA layer"):
         layer(torch.randn(2, 4)).sum().backward()
 
 

@@ -2,6 +2,7 @@
 (resume, claims, a killed runner), the report, and smoke-sized runs of the real model."""
 
 import base64
+import functools
 import importlib.util
 import json
 import math
@@ -423,7 +424,7 @@ def test_adalora_prunes_the_ranks_to_the_budget_only_when_allocated_every_step(a
     without it every matrix keeps its initial rank, which is plain LoRA (peft #432, #1801)."""
     import loratrf
     from loratrf.experiments.methods import AdaLoRA, adalora_schedule, prepare
-    from loratrf.experiments.training import total_steps, train
+    from loratrf.experiments.training import sentence_loss, total_steps, train
 
     model, data = tiny_bert(), tiny_data()
     config = TrainingConfig(epochs=2, batch_size=8)
@@ -441,7 +442,9 @@ def test_adalora_prunes_the_ranks_to_the_budget_only_when_allocated_every_step(a
         adalora.after_step = lambda step: (calls.append(step), real(step))
     else:
         hooks = None
-    train(model, data, lr=1e-2, config=config, seed=0, pad_id=0, hooks=hooks)
+    train(
+        model, len(data), functools.partial(sentence_loss, model, data, 0), lr=1e-2, config=config, seed=0, hooks=hooks
+    )
     ranks = adalora.ranks()
     assert len(ranks) == 6 and all(r <= init for r in ranks.values())
     if allocate:

@@ -328,13 +328,7 @@ def assert_refused_untouched(model, directory, match):
     assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
 
 
-def test_import_refuses_embeddings_and_other_methods(tmp_path):
-    peft_bert(tmp_path / "embedding", target_modules=["query", "word_embeddings"])
-    assert_refused_untouched(
-        bert(),
-        tmp_path / "embedding",
-        r"'base_model\.model\.embeddings\.word_embeddings\.lora_embedding_A' \(LoRA on an embedding",
-    )
+def test_import_refuses_other_methods(tmp_path):  # LoRA on embeddings: test_embedding_peft.py
     peft_adapter(bert, tmp_path / "loha", peft.LoHaConfig(target_modules=["query"]))
     assert_refused_untouched(
         bert(), tmp_path / "loha", "describes a LOHA adapter; loratrf reads PEFT's LoRA adapters only"

@@ -48,7 +48,7 @@ from torch import nn
 import loratrf
 from loratrf import AdapterFileError, InjectionError, LoRALinear, LoRATRFError, MergeError
 from loratrf.filter import filter_host_output
-from loratrf.walk import named_filters, named_lora_layers
+from loratrf.walk import named_adapter_parameters, named_filters, named_lora_layers
 
 # The adapter file's name. save_adapter is to write safetensors, and the file will then be
 # named "adapter.safetensors"; until load_adapter reads that format back, torch.load
@@ -115,6 +115,7 @@ FILTER_HOSTS = [
 ]
 HOST_WIDTH = {h: FFN if h.endswith("fc1") else D_OUT if h == "head" else D for h in FILTER_HOSTS}
 TRAINABLE_MODULES = ["head", "blocks.1.norm"]
+SECOND = "second"  # an adapter that stays inactive: it changes no output, and every operation must step around it
 
 
 # ---------------------------------------------------------------- the shadow's records
@@ -172,11 +173,12 @@ class Shadow:
     lora: dict[str, LoraRecord]
     filters: dict[str, FilterRecord]
     trainable: set[str]  # base parameters left trainable (inject's `trainable`, a file's)
+    second: set[str] = dataclasses.field(default_factory=set)  # layers holding the inactive adapter SECOND
 
     def fresh(self) -> Shadow:
         """The shadow of a fresh base model built from `base` and loaded with these adapters."""
         lora = {n: dataclasses.replace(r, merged=False) for n, r in self.lora.items()}
-        return Shadow(dict(self.base), {}, lora, dict(self.filters), set(self.trainable))
+        return Shadow(dict(self.base), {}, lora, dict(self.filters), set(self.trainable))  # files hold no SECOND
 
     def adapter_names(self):
         names = {f"{n}.lora.{f}" for n in self.lora for f in "UV"}
@@ -252,13 +254,18 @@ class Shadow:
 
     def check_structure(self, model):
         layers = dict(named_lora_layers(model))
-        assert set(layers) == set(self.lora)
+        assert set(layers) == set(self.lora) | self.second
         for name, layer in layers.items():
+            assert (layer.parts(SECOND) is not None) == (name in self.second), name
+            if name not in self.lora:
+                assert not layer.merged and layer.parts("default") is None, name
+                continue
             assert layer.merged == self.lora[name].merged, name
             assert layer_options(layer) == self.lora[name].options(), name
             assert layer.dropout == 0.0
         for name in LINEARS:
-            assert type(model.get_submodule(name)) is (LoRALinear if name in self.lora else nn.Linear), name
+            expected = LoRALinear if name in self.lora or name in self.second else nn.Linear
+            assert type(model.get_submodule(name)) is expected, name
         filters = dict(named_filters(model))
         assert set(filters) == set(self.filters)
         for host, f in filters.items():
@@ -267,9 +274,9 @@ class Shadow:
             hooks = [h for h in module._forward_hooks.values() if h is filter_host_output]
             assert len(hooks) == (name in self.filters), name
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        assert trainable == self.adapter_names() | self.trainable
+        assert trainable == self.adapter_names() | self.trainable  # the inactive SECOND trains nothing
         params = dict(model.named_parameters())
-        assert set(params) == set(self.base) | self.adapter_names()
+        assert set(params) == set(self.base) | self.adapter_names() | set(dict(named_adapter_parameters(model, SECOND)))
         assert all(p.dtype == torch.float64 for p in params.values())  # adapters in the weights' dtype
 
     def check_base(self, model):
@@ -397,7 +404,7 @@ class AdapterLifecycle(RuleBasedStateMachine):
         reasons = [f"{t} already has LoRA" for t in targets if t in shadow.lora]
         # a plain Linear carrying a filter (kept by unload) can be a target again: its filter moves over
         reasons += [f"{h} already has a filter" for h in hosts if h in shadow.filters]
-        if "head" in trainable and ("head" in targets or "head" in shadow.lora):
+        if "head" in trainable and ("head" in targets or "head" in shadow.lora or "head" in shadow.second):
             reasons.append("head both trainable and a LoRA layer")
         kwargs = {
             "targets": [t.replace(".", r"\.") for t in targets],
@@ -433,6 +440,27 @@ class AdapterLifecycle(RuleBasedStateMachine):
                 HOST_WIDTH[h], filter_rank or rank, float(filter_alpha or alpha), similarity, task_init, init
             )
         shadow.trainable = {f"{m}.{p}" for m in trainable for p in ("weight", "bias")}
+
+    @rule(modules=st.lists(st.sampled_from(LINEARS), unique=True, min_size=1, max_size=4), rank=st.integers(1, 3))
+    def inject_second_adapter(self, modules, rank):
+        """A second adapter, inactive, on modules the default adapter may or may not cover;
+        merge, unmerge, save, load and unload must go on as if it were not there."""
+        shadow = self.shadow
+        if not shadow.lora and not shadow.filters:  # alone, the new adapter would become the active one
+            return
+        kwargs = {"targets": [t.replace(".", r"\.") for t in modules], "rank": rank, "adapter": SECOND}
+        merged = [t for t in modules if t in shadow.lora and shadow.lora[t].merged]
+        if any(t in shadow.second for t in modules) or merged:
+            event("second adapter refused")
+            before = snapshot(self.model)
+            with pytest.raises(InjectionError):
+                loratrf.inject(self.model, **kwargs)
+            assert_unchanged(self.model, before)
+            return
+        loratrf.inject(self.model, **kwargs)
+        event("second adapter" + " on modules without the default" * any(t not in shadow.lora for t in modules))
+        shadow.second |= set(modules)
+        shadow.trainable = set()  # inject leaves trainable only the base modules its call names
 
     # ------------------------------------------------------------ training
 
@@ -551,12 +579,13 @@ class AdapterLifecycle(RuleBasedStateMachine):
         path = self.dir / ADAPTER_FILE
         mismatched = [n for n, r in saved.lora.items() if n in shadow.lora and shadow.lora[n].options() != r.options()]
         mismatched += [h for h, r in saved.filters.items() if h in shadow.filters and shadow.filters[h] != r]
-        hooked = [n for n in saved.lora if n not in shadow.lora and n in shadow.filters]
+        # a plain Linear carrying a filter (kept by unload) takes the file's LoRA: its filter moves over
         # inject refuses a module that is both trainable and a LoRA layer; a file must too
-        conflicts = [n for n in saved.trainable if n.rpartition(".")[0] in set(shadow.lora) | set(saved.lora)]
+        lora_layers = set(shadow.lora) | shadow.second | set(saved.lora)
+        conflicts = [n for n in saved.trainable if n.rpartition(".")[0] in lora_layers]
         merged = [n for n in saved.lora if n in shadow.lora and shadow.lora[n].merged]
         before = snapshot(self.model)
-        if mismatched or hooked or conflicts:
+        if mismatched or conflicts:
             event("load into the current model refused")
             with pytest.raises(AdapterFileError if mismatched else LoRATRFError):
                 loratrf.load_adapter(self.model, path)
@@ -598,13 +627,15 @@ class AdapterLifecycle(RuleBasedStateMachine):
         model, shadow = self.model, self.shadow
         layers = dict(named_lora_layers(model))
         filters = dict(named_filters(model))
-        deltas = {n: shadow.delta_and_bound(model, n) for n in layers}
+        deltas = {n: shadow.delta_and_bound(model, n) for n in layers if n in shadow.lora}
         if layers or filters:
-            event(f"unload(merge={merge}, keep_filters={keep_filters})" + " of trained updates" * self.trained(layers))
+            event(f"unload(merge={merge}, keep_filters={keep_filters})" + " of trained updates" * self.trained(deltas))
         assert loratrf.unload(model, merge=merge, keep_filters=keep_filters) is model
         for name, layer in layers.items():
             plain = model.get_submodule(name)
             assert type(plain) is nn.Linear and plain.weight is layer.weight and plain.bias is layer.bias, name
+            if name not in shadow.lora:  # it held SECOND alone, which unload drops
+                continue
             delta, bound = deltas[name]
             key = f"{name}.weight"
             if shadow.lora[name].merged != merge:  # unload merges or unmerges it now
@@ -613,7 +644,7 @@ class AdapterLifecycle(RuleBasedStateMachine):
                 assert bool(((plain.weight - (shadow.base[key] + delta)).abs() <= shadow.err[key]).all()), key
                 shadow.base[key] = plain.weight.detach().clone()
                 shadow.err.pop(key)
-        shadow.lora = {}
+        shadow.lora, shadow.second = {}, set()
         if keep_filters:
             assert all(f is dict(named_filters(model))[h] for h, f in filters.items())
         else:

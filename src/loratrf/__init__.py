@@ -26,6 +26,8 @@ from loratrf.low_rank import LowRankTransform
 from loratrf.merging import merge, reset_adapters, unload, unmerge
 from loratrf.param_summary import Summary, summary
 from loratrf.peft_format import export_peft, import_peft
+from loratrf.quantized import dequantize
+from loratrf.weight_cache import cache_effective_weights
 
 __all__ = [
     "AdapterError",
@@ -41,9 +43,11 @@ __all__ = [
     "Summary",
     "TaskAwareFilter",
     "adapter_state_dict",
+    "cache_effective_weights",
     "calibrate_filters",
     "combine_adapters",
     "delete_adapter",
+    "dequantize",
     "export_peft",
     "gate_statistics",
     "import_peft",

@@ -4,7 +4,9 @@ plan that re-injects them. Nothing is unpickled when reading one.
 A file holds one adapter, keyed as in `model.state_dict()` of a model holding it as its default
 adapter (docs/adapters.md: a named adapter is written under the default's keys). The metadata (safetensors' string map) holds
 `format` ("loratrf-adapter"), `version`, `plan` (the `Plan` as JSON: `{"lora": {name: LoRASpec},
-"filters": {host: FilterSpec}, "trainable": [parameter names]}`) and `sha256`, a digest of the
+"filters": {host: FilterSpec}, "trainable": [parameter names], "stacks": [regexes]}`, and
+`"tokens": {embedding: [token ids]}` where the adapter has trainable token rows, whose tensor is
+`<embedding>.token_rows.default.rows`) and `sha256`, a digest of the
 plan and the tensors, so damaged bytes anywhere are caught, not loaded. Other tools that read safetensors (and
 `safetensors.torch.load_file`) read the tensors as they are.
 """
@@ -15,7 +17,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,15 +28,26 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from loratrf import quantized
 from loratrf.config import DEFAULT_ADAPTER, Plan, check_adapter_name
 from loratrf.errors import AdapterFileError, InjectionError, MergeError
 from loratrf.filter import FILTER_NAME, TaskAwareFilter, filter_of
 from loratrf.inject import apply_plan, engine_problem, named_candidates
-from loratrf.lora import LoRALinear, is_conv1d, parts_spec
-from loratrf.walk import adapter_parameters, check_held, named_adapter_parameters, named_filters, unwrap
+from loratrf.lora import LoRALinear, is_conv1d
+from loratrf.lora_layer import LoRALayer, parts_spec
+from loratrf.token_rows import TOKEN_ROWS, merged_token_tables, token_rows_of
+from loratrf.walk import (
+    adapter_parameters,
+    check_held,
+    named_adapter_parameters,
+    named_filters,
+    non_finite_tensors,
+    unwrap,
+)
 
 FORMAT = "loratrf-adapter"
-VERSION = 2
+VERSION = 4  # 3 added the plan's `stacks`, 4 its `tokens`; files of versions 2 and 3 still load
+READABLE_VERSIONS = (2, 3, 4)
 
 
 def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, Tensor]:
@@ -66,10 +81,44 @@ def adapter_plan(model: nn.Module, adapter: str = DEFAULT_ADAPTER) -> Plan:
     root = unwrap(model)
     lora = {}
     for name, module in root.named_modules():
-        if isinstance(module, LoRALinear) and (parts := module.parts(adapter)) is not None:
+        if isinstance(module, LoRALayer) and (parts := module.parts(adapter)) is not None:
             lora[name] = parts_spec(parts)
     filters = {host: task_filter.spec for host, task_filter in named_filters(root, adapter)}
-    return Plan(lora, filters, tuple(trainable_base_parameters(root)))
+    tokens = {n: tuple(r.ids.tolist()) for n, m in root.named_modules() if (r := token_rows_of(m, adapter)) is not None}
+    return Plan(lora, filters, tuple(trainable_base_parameters(root)), _stacks(root, [*lora, *filters]), tokens)
+
+
+def _stacks(root: nn.Module, names: list[str]) -> tuple[str, ...]:
+    """The stacks (`Plan.stacks`) of `names` that `names` cover whole among `root`'s modules:
+    each name's numbered parts become `\\d+`, and a stack counts when every module of `root` it
+    matches is named."""
+    modules = list(named_candidates(root))
+    stacks: dict[str, set[str]] = {}
+    for name in names:
+        parts = name.split(".")
+        if any(part.isdigit() for part in parts):
+            stack = r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in parts)
+            stacks.setdefault(stack, set()).add(name)
+    return tuple(s for s, held in stacks.items() if {n for n in modules if re.fullmatch(s, n)} == held)
+
+
+def _stack_problems(plan: Plan, candidates: Mapping[str, nn.Module]) -> list[str]:
+    """Each stack the file covers whole that has more modules in this model, layer by layer (a
+    module the file names and this model lacks is `_expected_shapes`' to report)."""
+    planned = [*plan.lora, *plan.filters]
+    problems = []
+    for stack in plan.stacks:
+        held = [n for n in planned if re.fullmatch(stack, n)]
+        if extra := [n for n in candidates if re.fullmatch(stack, n) and n not in held]:
+            problems.append(
+                f"{stack}: the file holds {len(held)} of these modules, this model has {len(held) + len(extra)}; "
+                f"not in the file: {_listed(extra)}"
+            )
+    return problems
+
+
+def _listed(names: list[str], most: int = 8) -> str:
+    return ", ".join(map(repr, names[:most])) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAULT_ADAPTER) -> None:
@@ -94,6 +143,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
     tensors = {name: t.cpu().contiguous() for name, t in tensors.items()}
+    if bad := non_finite_tensors(tensors.items()):
+        warnings.warn(
+            f"saving an adapter that holds NaN/Inf in {len(bad)} tensor(s) ({_listed(bad, 3)}): training diverged. "
+            f"The file is written, so that it can be inspected, but load_adapter will refuse it",
+            stacklevel=2,
+        )
     plan = json.dumps(adapter_plan(model, adapter).to_dict())
     metadata = {"format": FORMAT, "version": str(VERSION), "plan": plan, "sha256": adapter_digest(plan, tensors)}
     data = safetensors.torch.save(tensors, metadata)
@@ -132,8 +187,19 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
     check_adapter_name(adapter)
     root = unwrap(model)
     plan, tensors = read_adapter_file(path)
+    if bad := non_finite_tensors(tensors.items()):
+        raise AdapterFileError(
+            f"{path} holds NaN/Inf in {len(bad)} tensor(s) ({_listed(bad, 3)}): the adapter it was saved from had "
+            "diverged, and loaded it would make the model compute NaN; the model was left unchanged. Load an "
+            "earlier checkpoint (safetensors.torch.load_file reads this one for inspection)"
+        )
     candidates = named_candidates(root)
     expected = _expected_shapes(candidates, root, plan, path, adapter)
+    if stack_problems := _stack_problems(plan, candidates):
+        raise AdapterFileError(
+            f"{path} covers whole stacks of layers that this model has more of (is it from a deeper model of "
+            "this family?); the model was left unchanged:\n- " + "\n- ".join(stack_problems)
+        )
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -149,7 +215,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
     if wrong:
         raise AdapterFileError(f"{path}: adapter shapes do not fit this model: " + "; ".join(wrong))
 
-    merged = [n for n in plan.lora if isinstance(candidates[n], LoRALinear) and candidates[n].merged]
+    merged = [n for n in plan.lora if isinstance(candidates[n], LoRALayer) and candidates[n].merged]
+    merged += [n for n in plan.tokens if merged_token_tables(candidates[n])]
     if merged:
         raise MergeError(
             f"cannot load the adapter: LoRA layer {merged[0]!r} is merged, so its weight holds the current "
@@ -159,8 +226,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
         {n: spec for n, spec in plan.lora.items() if _lora_parts(candidates[n], adapter) is None},
         {h: spec for h, spec in plan.filters.items() if filter_of(candidates[h], adapter) is None},
         plan.trainable,
+        tokens={n: ids for n, ids in plan.tokens.items() if token_rows_of(candidates[n], adapter) is None},
     )
-    if (new.lora or new.filters) and (problem := engine_problem(model)):
+    if (new.lora or new.filters or new.tokens) and (problem := engine_problem(model)):
         raise InjectionError(f"cannot load the adapter into this model: {problem}")
     apply_plan(root, new, adapter)
     params = dict(root.named_parameters(remove_duplicate=False))  # the trainable base parameters' keys
@@ -171,7 +239,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
 
 
 def _lora_parts(module: nn.Module, adapter: str):
-    return module.parts(adapter) if isinstance(module, LoRALinear) else None
+    return module.parts(adapter) if isinstance(module, LoRALayer) else None
 
 
 def read_adapter_file(path: str | os.PathLike) -> tuple[Plan, dict[str, Tensor]]:
@@ -192,9 +260,9 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[Plan, dict[str, Tensor]]
             f"{path} is a safetensors file but not a loratrf adapter (no '{FORMAT}' format marker in its metadata)"
         )
     version = metadata.get("version", "")
-    if not version.isdigit() or int(version) != VERSION:
+    if not version.isdigit() or int(version) not in READABLE_VERSIONS:
         raise AdapterFileError(
-            f"{path} has adapter format version {version!r}; this loratrf reads version {VERSION}"
+            f"{path} has adapter format version {version!r}; this loratrf reads versions {READABLE_VERSIONS}"
             + ("; upgrade loratrf" if version.isdigit() and int(version) > VERSION else "")
         )
     plan_text = metadata.get("plan", "")
@@ -240,7 +308,7 @@ def _expected_shapes(candidates, root, plan: Plan, path, adapter: str) -> dict[s
     problems = []
     for name, spec in plan.lora.items():
         module = candidates.get(name)
-        if module is None or not (isinstance(module, (nn.Linear, LoRALinear)) or is_conv1d(module)):
+        if module is None or not (isinstance(module, (nn.Linear, nn.Embedding, LoRALinear)) or is_conv1d(module)):
             found = "nothing" if module is None else type(module).__name__
             problems.append(f"LoRA layer {name!r} (the model has {found} there)")
             continue
@@ -251,8 +319,9 @@ def _expected_shapes(candidates, root, plan: Plan, path, adapter: str) -> dict[s
                 + ("" if adapter == DEFAULT_ADAPTER else f" (adapter {adapter!r})")
             )
             continue
-        in_f, out_f = _linear_shape(module)
-        layer = LoRALinear(in_f, out_f, **dataclasses.asdict(spec), device="meta")  # DoRA's magnitude included
+        in_f, out_f = linear_shape(module)
+        # DoRA's magnitude included; an embedding's U, V are those of the map from num_embeddings to dim
+        layer = LoRALinear(in_f, out_f, **dataclasses.asdict(spec), device="meta")
         shapes.update(
             {
                 f"{name}.{k}": tuple(p.shape)
@@ -271,6 +340,15 @@ def _expected_shapes(candidates, root, plan: Plan, path, adapter: str) -> dict[s
             continue
         task_filter = TaskAwareFilter.from_spec(spec, torch.device("meta"), torch.float32)
         shapes.update({f"{host}.{FILTER_NAME}.{k}": tuple(p.shape) for k, p in task_filter.named_parameters()})
+    for name, ids in plan.tokens.items():
+        module, existing = candidates.get(name), token_rows_of(candidates.get(name), adapter)
+        if not isinstance(module, nn.Embedding):
+            found = "nothing" if module is None else type(module).__name__
+            problems.append(f"trainable token rows of {name!r} (the model has {found} there)")
+        elif existing is not None and existing.ids.tolist() != list(ids):
+            problems.append(f"{name!r} already has trainable rows {existing.ids.tolist()}, the file has {list(ids)}")
+        else:
+            shapes[f"{name}.{TOKEN_ROWS}.{DEFAULT_ADAPTER}.rows"] = (len(ids), module.embedding_dim)
     params = dict(root.named_parameters(remove_duplicate=False))
     for name in plan.trainable:
         if name not in params:
@@ -282,8 +360,12 @@ def _expected_shapes(candidates, root, plan: Plan, path, adapter: str) -> dict[s
     return shapes
 
 
-def _linear_shape(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, LoRALinear):
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """`(in_features, out_features)` of a LoRA target (a packed quantized weight's shape is not;
+    an embedding's are `(num_embeddings, embedding_dim)`)."""
+    if isinstance(module, LoRALayer) or quantized.runs_own_forward(module):
         return module.in_features, module.out_features
+    if isinstance(module, nn.Embedding):
+        return tuple(module.weight.shape)
     rows, cols = module.weight.shape
     return (rows, cols) if is_conv1d(module) else (cols, rows)

@@ -16,9 +16,10 @@ from loratrf.config import LoRASpec, check_adapter_name, dtype_name
 from loratrf.errors import AdapterError, MergeError
 from loratrf.filter import detach_filter, filter_dispatch, filter_names
 from loratrf.inject import activate, parent_map, sync_fused_encoder_paths
-from loratrf.lora import SWITCH_WHILE_MERGED, LoRALinear
+from loratrf.lora_layer import SWITCH_WHILE_MERGED, LoRALayer
 from loratrf.merging import put_back_base_module
 from loratrf.rows import AdapterRows
+from loratrf.token_rows import merged_token_tables, remove_token_rows, table_dispatch, token_row_names
 from loratrf.walk import active_adapter, adapter_names, adapter_parameters, check_held, named_lora_layers, unwrap
 
 
@@ -26,6 +27,8 @@ def _refuse_merged(root: nn.Module, what: str) -> None:
     merged = [name for name, layer in named_lora_layers(root) if layer.merged]
     if merged:
         raise MergeError(f"cannot {what}: LoRA layer {merged[0]!r} is merged; {SWITCH_WHILE_MERGED}")
+    if tables := merged_token_tables(root):
+        raise MergeError(f"cannot {what}: the trainable token rows of {tables[0]!r} are merged; {SWITCH_WHILE_MERGED}")
 
 
 def set_adapter(model: nn.Module, name: str | None) -> None:
@@ -59,7 +62,8 @@ def use_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[None
     rows = AdapterRows(names)
     routed = []  # (object with `rows`, what it had)
     for qualified, module in root.named_modules():
-        for router in (module if isinstance(module, LoRALinear) else None, filter_dispatch(module)):
+        lora_layer = module if isinstance(module, LoRALayer) else None
+        for router in (lora_layer, filter_dispatch(module), table_dispatch(module)):
             if router is not None:
                 routed.append((router, router.rows))
                 router.rows = rows.at(repr(qualified or type(module).__name__))
@@ -88,7 +92,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for module in list(root.modules()):
         if name in filter_names(module):
             detach_filter(module, name)
-        if isinstance(module, LoRALinear) and module.parts(name) is not None:
+        if name in token_row_names(module):
+            remove_token_rows(module, name)
+        if isinstance(module, LoRALayer) and module.parts(name) is not None:
             module.pop_parts(name)
             if not module.adapter_names():
                 put_back_base_module(module, parents)
@@ -126,6 +132,11 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], name: str) 
             f"cannot combine adapter(s) {filtered}: they hold task-aware filters, and a filter is not linear in "
             "its parameters (its gate depends on the task vector, and the output on the gate times U V), so "
             "no filter computes a weighted sum of filters; combine LoRA-only adapters"
+        )
+    if rows := [a for a in weights if any(a in token_row_names(m) for m in root.modules())]:
+        raise AdapterError(
+            f"cannot combine adapter(s) {rows}: they hold trainable token rows, which replace rows of the table "
+            "rather than add to it, so no adapter computes their weighted sum; combine LoRA-only adapters"
         )
     dora = [a for a in weights if any((p := layer.parts(a)) is not None and p.dora for layer in layers.values())]
     if dora:

@@ -96,6 +96,9 @@ class InjectionConfig:
         weights, else the weight's dtype).
     adapter: the name of the adapter these layers and filters belong to (docs/adapters.md); a
         name other than "default" adds an adapter beside those already on the same modules.
+    trainable_tokens: `{embedding regex: [token ids]}`: those rows of each matched nn.Embedding
+        train (the adapter's, as PEFT's `trainable_token_indices`), read by the embedding and by
+        every linear head sharing its weight (a tied `lm_head`); the rest of the table stays frozen.
     """
 
     targets: tuple[str, ...] = ()
@@ -115,13 +118,19 @@ class InjectionConfig:
     gate: Gate = FilterSpec.gate
     dora: bool = LoRASpec.dora
     adapter: str = DEFAULT_ADAPTER
+    trainable_tokens: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_adapter_name(self.adapter)
         for name in ("targets", "filters", "trainable"):
             object.__setattr__(self, name, _patterns(name, getattr(self, name)))  # frozen: normalise once
-        if not self.targets and not self.filters:
-            raise InjectionError("nothing to inject: give `targets` (LoRA) and/or `filters` (task-aware filters)")
+        tokens = token_ids("trainable_tokens", self.trainable_tokens)
+        _patterns("trainable_tokens", list(tokens))
+        object.__setattr__(self, "trainable_tokens", tokens)
+        if not self.targets and not self.filters and not self.trainable_tokens:
+            raise InjectionError(
+                "nothing to inject: give `targets` (LoRA), `filters` (task-aware filters) and/or `trainable_tokens`"
+            )
         self.lora_spec()
         self.filter_spec(1)
 
@@ -164,33 +173,48 @@ class Plan:
     """What to inject, by exact names: LoRA layers (`module name -> LoRASpec`), filters
     (`host module name -> FilterSpec`, `""` for the root) and the base parameters that stay
     trainable (`model.named_parameters()` names). `inject` resolves a config into a plan;
-    adapter files store the plan of the model they were saved from."""
+    adapter files store the plan of the model they were saved from, with its `stacks`: one
+    regex per stack of numbered modules (`model\\.layers\\.\\d+\\.mlp\\.down_proj`) that the plan
+    covers whole in that model, so that a model with more or fewer layers is told apart."""
 
     lora: Mapping[str, LoRASpec] = dataclasses.field(default_factory=dict)
     filters: Mapping[str, FilterSpec] = dataclasses.field(default_factory=dict)
     trainable: tuple[str, ...] = ()
+    stacks: tuple[str, ...] = ()
+    tokens: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        plain = {
             "lora": {name: _plain(spec) for name, spec in self.lora.items()},
             "filters": {host: _plain(spec) for host, spec in self.filters.items()},
             "trainable": list(self.trainable),
+            "stacks": list(self.stacks),
         }
+        return plain | ({"tokens": {name: list(ids) for name, ids in self.tokens.items()}} if self.tokens else {})
 
     @classmethod
     def from_dict(cls, data: object) -> Plan:
-        """The plan `to_dict` wrote; anything else is an InjectionError naming what is wrong."""
-        if not isinstance(data, Mapping) or set(data) != {"lora", "filters", "trainable"}:
-            raise InjectionError("a plan is a mapping with exactly the keys 'lora', 'filters' and 'trainable'")
-        lora, filters, trainable = data["lora"], data["filters"], data["trainable"]
+        """The plan `to_dict` wrote (files of format version 2 have no 'stacks', and a plan
+        without trainable token rows no 'tokens'); anything else is an InjectionError naming
+        what is wrong."""
+        keys = {"lora", "filters", "trainable"}
+        if not isinstance(data, Mapping) or not keys <= set(data) <= keys | {"stacks", "tokens"}:
+            raise InjectionError(
+                "a plan is a mapping with exactly the keys 'lora', 'filters', 'trainable' and (optionally) "
+                "'stacks' and 'tokens'"
+            )
+        lora, filters, trainable, stacks = data["lora"], data["filters"], data["trainable"], data.get("stacks", [])
         if not isinstance(lora, Mapping) or not isinstance(filters, Mapping):
             raise InjectionError("a plan's 'lora' and 'filters' map module names to option mappings")
-        if not isinstance(trainable, list) or not all(isinstance(n, str) for n in trainable):
-            raise InjectionError("a plan's 'trainable' is a list of parameter names")
+        for key, names in (("trainable", trainable), ("stacks", stacks)):
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise InjectionError(f"a plan's {key!r} is a list of strings")
         return cls(
             {_name(n): _spec(LoRASpec, o) for n, o in lora.items()},
             {_name(h): _spec(FilterSpec, o) for h, o in filters.items()},
             tuple(trainable),
+            _patterns("stacks", stacks),
+            token_ids("a plan's 'tokens'", data.get("tokens", {})),
         )
 
 
@@ -206,6 +230,19 @@ def torch_dtype(name: str | None) -> torch.dtype | None:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def default_adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """Adapters train in float32 beside half-precision weights, else in the weight's dtype."""
+    return torch.float32 if weight_dtype in LOW_PRECISION else weight_dtype
+
+
+def merge_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """Merges are computed in at least float32 and never below the weight's own precision."""
+    return torch.promote_types(weight_dtype, torch.float32)
 
 
 def check_low_rank(rank: object, alpha: object, init: object, prefix: str = "") -> None:
@@ -243,6 +280,27 @@ def _patterns(kind: str, patterns: object) -> tuple[str, ...]:
         except re.error as e:
             raise InjectionError(f"{kind} pattern {pattern!r} is not a valid regular expression: {e}") from None
     return patterns
+
+
+def token_ids(kind: str, tokens: object) -> dict[str, tuple[int, ...]]:
+    """`{name or pattern: [token ids]}` checked: strings to non-empty lists of distinct ints >= 0."""
+    if not isinstance(tokens, Mapping):
+        raise InjectionError(
+            f"{kind} maps embedding names to lists of token ids, {{'embed_tokens': [32000]}}; got {tokens!r}"
+        )
+    checked = {}
+    for name, ids in tokens.items():
+        if (
+            isinstance(ids, (str, bytes))
+            or not isinstance(ids, (list, tuple))
+            or not ids
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+        ):
+            raise InjectionError(f"{kind}: {name!r} needs a non-empty list of token ids (ints >= 0), got {ids!r}")
+        if len(set(ids)) != len(ids):
+            raise InjectionError(f"{kind}: {name!r} lists a token id more than once: {list(ids)}")
+        checked[_name(name)] = tuple(ids)
+    return checked
 
 
 def _check_positive_int(name: str, value: object) -> None:

@@ -9,9 +9,18 @@ from torch import Tensor, nn
 
 from loratrf import kernels
 from loratrf.base_checkpoints import keep_absent_adapter_tensors
-from loratrf.config import DEFAULT_ADAPTER, FilterSpec, Gate, Init, Similarity, TaskInit, dtype_name, torch_dtype
+from loratrf.config import (
+    DEFAULT_ADAPTER,
+    FilterSpec,
+    Gate,
+    Init,
+    Similarity,
+    TaskInit,
+    default_adapter_dtype,
+    dtype_name,
+    torch_dtype,
+)
 from loratrf.errors import FilterOutputError
-from loratrf.lora import default_adapter_dtype
 from loratrf.low_rank import LowRankTransform
 from loratrf.rows import AdapterRows
 
@@ -204,6 +213,8 @@ def filter_host_output(host: nn.Module, args: tuple, output: object) -> object:
 
 def filter_dispatch(host: nn.Module) -> FilterDispatch | None:
     """The hook through which `host`'s filters run, or None where it holds none."""
+    if (default := filter_of(host)) is not None:  # the common case, without listing the others
+        return default.dispatch
     names = filter_names(host)
     return filter_of(host, names[0]).dispatch if names else None
 

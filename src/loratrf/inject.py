@@ -6,12 +6,14 @@ import dataclasses
 import difflib
 import itertools
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from loratrf import quantized
 from loratrf._torch_internals import (
     compiled_original,
     has_hooks,
@@ -30,10 +32,23 @@ from loratrf.filter import (
     filter_of,
     move_filters,
 )
+from loratrf.embedding import LoRAEmbedding
 from loratrf.lora import LoRALinear, is_conv1d
-from loratrf.walk import active_adapter, adapter_parameters, named_adapter_parameters, unwrap
+from loratrf.lora_layer import LoRALayer
+from loratrf.token_rows import add_token_rows, reads_token_rows, table_dispatch, token_row_names, token_rows_of
+from loratrf.walk import (
+    active_adapter,
+    adapter_parameters,
+    named_adapter_parameters,
+    parameter_owners,
+    tied_elsewhere,
+    unwrap,
+)
 
-SUPPORTED_TARGETS = "nn.Linear (or a subclass that keeps nn.Linear.forward) and Hugging Face's Conv1D (GPT-2)"
+SUPPORTED_TARGETS = (
+    "nn.Linear (or a subclass that keeps nn.Linear.forward), Hugging Face's Conv1D (GPT-2), "
+    "bitsandbytes' Linear4bit and Linear8bitLt (docs/quantization.md), and nn.Embedding"
+)
 
 # Parents whose forward reads their children's weights directly instead of calling them: an
 # adapter or filter on such a child would never run, and so would train nothing.
@@ -96,7 +111,13 @@ def _plan(root: nn.Module, config: InjectionConfig) -> Plan:
         for name in trainable_modules
         for param_name, _ in candidates[name].named_parameters(prefix=name, remove_duplicate=False)
     ]
-    return Plan(lora, filters, tuple(dict.fromkeys(trainable)))
+    tokens: dict[str, tuple[int, ...]] = {}
+    for pattern, ids in config.trainable_tokens.items():
+        for name in _match("trainable_tokens", [pattern], candidates):
+            if name in tokens:
+                raise InjectionError(f"cannot inject: two trainable_tokens patterns match {name!r}; give it one")
+            tokens[name] = ids
+    return Plan(lora, filters, tuple(dict.fromkeys(trainable)), tokens=tokens)
 
 
 def _check_trainable_modules(trainable: Sequence[str], lora: Mapping[str, Any], candidates) -> None:
@@ -107,7 +128,7 @@ def _check_trainable_modules(trainable: Sequence[str], lora: Mapping[str, Any], 
         inside = [
             n
             for n, m in candidates[name].named_modules(prefix=name, remove_duplicate=False)
-            if id(m) in targets or isinstance(m, LoRALinear)
+            if id(m) in targets or isinstance(m, LoRALayer)
         ]
         if inside:
             raise InjectionError(
@@ -122,56 +143,150 @@ def apply_plan(root: nn.Module, plan: Plan, adapter: str = DEFAULT_ADAPTER) -> N
     candidates = named_candidates(root)
     parents = parent_map(root)
     problems = [p for name in plan.lora if (p := _target_problem(name, candidates, parents, adapter))]
+    problems += [p for name in plan.lora if (p := _embedding_problem(name, candidates))]
     problems += [p for name in plan.filters if (p := _filter_problem(name, candidates, parents, adapter))]
     problems += _trainable_problems(root, plan, candidates)
+    heads, token_problems = _token_row_readers(root, plan, candidates, adapter)
+    problems += token_problems
     if problems:
         raise InjectionError("cannot inject:\n- " + "\n- ".join(dict.fromkeys(problems)))
+    _warn_about_ties(root, plan, candidates)
 
     active = active_adapter(root)
-    replacements: dict[int, LoRALinear] = {}
+    replacements: dict[int, LoRALayer] = {}
     for name, spec in plan.lora.items():
         module = candidates[name]
         if id(module) in replacements:
             continue
-        if isinstance(module, LoRALinear):  # beside the adapters it holds
+        if isinstance(module, LoRALayer):  # beside the adapters it holds
             module.add_adapter(adapter, spec)
             replacements[id(module)] = module
             continue
-        new = replacements[id(module)] = LoRALinear.from_linear(module, adapter=adapter, **dataclasses.asdict(spec))
+        wrap = LoRAEmbedding.from_embedding if isinstance(module, nn.Embedding) else LoRALinear.from_linear
+        new = replacements[id(module)] = wrap(module, adapter=adapter, **dataclasses.asdict(spec))
         move_filters(module, new)  # filters kept by `unload` move onto the new layer
         for parent, child_name in parents[id(module)]:
             setattr(parent, child_name, new)
     hosts: set[int] = set()  # a module registered under several names gets one filter
     for name, spec in plan.filters.items():
         host = candidates[name]
-        host = replacements.get(id(host), host)  # a LoRA target's filter goes on its LoRALinear
+        host = replacements.get(id(host), host)  # a LoRA target's filter goes on its LoRA layer
         if id(host) in hosts:
             continue
         hosts.add(id(host))
         device, host_dtype = _placement(host, root)
         attach_filter(host, TaskAwareFilter.from_spec(spec, device, host_dtype), adapter)
+    for name, ids in plan.tokens.items():
+        if token_rows_of(candidates[name], adapter) is None:  # once for a module listed under several names
+            add_token_rows(candidates[name], heads[name], adapter, ids)
     sync_fused_encoder_paths(root)
     _freeze_base(root, plan.trainable)
     activate(root, adapter if active is None else active)
+
+
+def _warn_about_ties(root: nn.Module, plan: Plan, candidates: Mapping[str, nn.Module]) -> None:
+    """Tell the user of every tie the plan meets (a decoder's `lm_head.weight` is its
+    `embed_tokens.weight`): a LoRA target whose weight another module shares cannot be merged,
+    and a trainable parameter that another module shares trains there too, whole."""
+    owners = parameter_owners(root)
+    for name in plan.lora:
+        module = candidates[name]
+        if tied := tied_elsewhere(owners, module, module.weight):
+            warnings.warn(
+                f"LoRA target {name!r} shares its weight with {', '.join(map(repr, tied))} (tied weights): the "
+                "adapter trains and runs exactly, but loratrf.merge and unload(merge=True) will refuse to fold it "
+                "into the shared tensor, since that would change the other module too",
+                stacklevel=4,
+            )
+    params = dict(root.named_parameters(remove_duplicate=False))
+    trainable = set(plan.trainable)
+    for p in {id(params[n]): params[n] for n in plan.trainable}.values():
+        names = [n for n, _ in owners.get(id(p), [])]
+        if others := [n for n in names if n not in trainable]:
+            name = next(n for n in names if n in trainable)
+            warnings.warn(
+                f"trainable parameter {name!r} is tied to {', '.join(map(repr, others))}: training it trains that "
+                f"module too, and the adapter file holds all {p.numel():,} of its values "
+                f"({p.numel() * p.element_size() / 1e6:,.1f} MB); train a LoRA adapter on it instead, or untie it",
+                stacklevel=4,
+            )
 
 
 def activate(root: nn.Module, name: str | None) -> None:
     """Adapter `name` runs in every module (None: none does), and its tensors alone among the
     adapters' require grad; base parameters are left as they are."""
     for module in root.modules():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoRALayer):
             module.active_adapter = name
-        if (dispatch := filter_dispatch(module)) is not None:
+        if (dispatch := filter_dispatch(module) or table_dispatch(module)) is not None:
             dispatch.active = name
     for found in adapter_parameters(root):
         found.parameter.requires_grad_(found.adapter == name)
+
+
+def _token_row_readers(
+    root: nn.Module, plan: Plan, candidates: Mapping[str, nn.Module], adapter: str
+) -> tuple[dict[str, list[nn.Module]], list[str]]:
+    """`({embedding name: the other modules sharing its weight}, problems)` for the plan's
+    trainable token rows: each goes on a plain nn.Embedding that is no LoRA target, below its
+    number of rows, and every module sharing its weight (found by identity) is a plain
+    nn.Embedding or nn.Linear, which reads the rows too; no LoRA target reads rows."""
+    owners, trainable = parameter_owners(root), set(plan.trainable)
+    targets = {id(candidates[n]) for n in plan.lora if n in candidates}
+    heads: dict[str, list[nn.Module]] = {}
+    problems = [
+        f"{name!r} reads trainable token rows (an embedding with them, or a head sharing its weight), and LoRA on "
+        "it would not see them; train the rows or put LoRA on it, not both"
+        for name in plan.lora
+        if name in candidates and reads_token_rows(candidates[name])
+    ]
+    for name, ids in plan.tokens.items():
+        module = candidates.get(name)
+        if module is None:
+            problems.append(f"the model has no module named {name!r}")
+            continue
+        kind = type(module).__name__
+        if not _plain(module, nn.Embedding) or id(module) in targets:
+            problems.append(
+                f"trainable_tokens: {name!r} is a {kind}{' and a LoRA target' * (id(module) in targets)}; trainable "
+                "token rows go on an nn.Embedding (not a subclass with its own forward, no max_norm) that is no "
+                "LoRA target: train its rows or put LoRA on it, not both"
+            )
+            continue
+        if token_rows_of(module, adapter) is not None:
+            problems.append(f"{name!r} already has trainable token rows of adapter {adapter!r}; inject them once")
+        if any(token_rows_of(module, n).merged for n in token_row_names(module)):
+            problems.append(f"{name!r} holds merged token rows; loratrf.unmerge(model) first, then add adapters")
+        if too_big := [i for i in ids if i >= module.num_embeddings]:
+            problems.append(
+                f"trainable_tokens: token ids {too_big} of {name!r} are not below its {module.num_embeddings} rows; "
+                "add the tokens and resize the embeddings (resize_token_embeddings) before loratrf.inject"
+            )
+        shared = list({id(m): (n, m) for n, m in owners.get(id(module.weight), []) if m is not module}.values())
+        heads[name] = [m for _, m in shared]
+        for other, head in shared:
+            if not (_plain(head, nn.Linear) or _plain(head, nn.Embedding)) or id(head) in targets:
+                problems.append(
+                    f"{name!r} shares its weight with {other!r}, a {type(head).__name__}"
+                    f"{' and a LoRA target' * (id(head) in targets)}, which cannot read its trainable token rows; "
+                    "untie it, or train the rows of an embedding whose weight only plain nn.Linear heads share"
+                )
+        if names := [n for n, _ in owners.get(id(module.weight), []) if n in trainable]:
+            problems.append(f"{names[0]!r} is trainable whole, and {name!r} has trainable token rows; choose one")
+    return heads, problems
+
+
+def _plain(module: nn.Module, kind: type[nn.Module]) -> bool:
+    """Whether `module` is a `kind` (no loratrf layer) that computes what `kind.forward` does."""
+    plain = isinstance(module, kind) and not isinstance(module, LoRALayer) and type(module).forward is kind.forward
+    return plain and getattr(module, "max_norm", None) is None
 
 
 def _trainable_problems(root: nn.Module, plan: Plan, candidates: Mapping[str, nn.Module]) -> list[str]:
     """Trainable parameters that do not exist, or that are the frozen base of a LoRA layer
     (one already injected or one the plan adds)."""
     params = dict(root.named_parameters(remove_duplicate=False))
-    lora_layers = {n: m for n, m in candidates.items() if isinstance(m, LoRALinear)}
+    lora_layers = {n: m for n, m in candidates.items() if isinstance(m, LoRALayer)}
     lora_layers.update({n: candidates[n] for n in plan.lora if n in candidates})
     base = {
         id(p): n
@@ -221,7 +336,7 @@ def named_candidates(model: nn.Module) -> dict[str, nn.Module]:
                 continue
             qualified = f"{prefix}.{name}" if prefix else name
             found[qualified] = child
-            if not isinstance(child, LoRALinear):
+            if not isinstance(child, LoRALayer):
                 walk(child, qualified)
 
     walk(model, "")
@@ -295,25 +410,28 @@ def _target_problem(name: str, candidates: Mapping[str, nn.Module], parents, ada
     if module is None:
         return f"the model has no module named {name!r}"
     kind = type(module).__name__
-    if isinstance(module, LoRALinear) and module.parts(adapter) is not None:
+    if isinstance(module, LoRALayer) and module.parts(adapter) is not None:
         named = "" if adapter == DEFAULT_ADAPTER else f" named {adapter!r}"
         return (
             f"{name!r} already has a LoRA adapter{named}; inject once per module and adapter name "
             "(inject(..., adapter='<another name>') adds one beside it; loratrf.delete_adapter or "
             "loratrf.unload removes adapters)"
         )
-    if isinstance(module, LoRALinear) and module.merged:
+    if isinstance(module, LoRALayer) and module.merged:
         return (
             f"{name!r} is merged (adapter {module.active_adapter!r} is folded into its weight), and a new adapter "
             "starts from the base weight; loratrf.unmerge(model) first, then add adapters"
         )
-    if isinstance(module, LoRALinear):
+    if isinstance(module, LoRALayer):
         return _bypass_problem(name, module, parents)
     if why := _bypass_reason(module):
         return f"{name!r} is a {kind}: {why}"
-    if not (is_conv1d(module) or isinstance(module, nn.Linear)):
+    if not (is_conv1d(module) or isinstance(module, (nn.Linear, nn.Embedding))):
         return f"{name!r} is a {kind}; LoRA targets must be {SUPPORTED_TARGETS}"
-    if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward:
+    if quantized.runs_own_forward(module):  # bitsandbytes: its own forward is the base map
+        if why := quantized.target_problem(module):
+            return f"{name!r} is a {kind}: {why}"
+    elif isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward:
         return (
             f"{name!r} is a {kind}, an nn.Linear subclass with its own forward; a LoRALinear in its "
             f"place would not compute what it computes. LoRA targets must be {SUPPORTED_TARGETS}"
@@ -323,9 +441,25 @@ def _target_problem(name: str, candidates: Mapping[str, nn.Module], parents, ada
             f"{name!r} has its forward replaced on the instance (a patch or an offloading hook); "
             "inject before patching it"
         )
-    if has_hooks(module, besides=_filter_hooks(module)):
+    if has_hooks(module, besides=_filter_hooks(module)) and not reads_token_rows(module):  # `_token_row_readers`'
         return f"{name!r} has hooks registered; inject first, then register the hooks on the injected layer"
     return _bypass_problem(name, module, parents)
+
+
+def _embedding_problem(name: str, candidates: Mapping[str, nn.Module]) -> str | None:
+    """Why the embedding `name` cannot take LoRA (None where it is no embedding, or can)."""
+    module = candidates.get(name)
+    if not isinstance(module, nn.Embedding) or isinstance(module, LoRAEmbedding):
+        return None
+    kind = type(module).__name__
+    if type(module).forward is not nn.Embedding.forward:
+        return (
+            f"{name!r} is a {kind}, an nn.Embedding subclass with its own forward (a scaled embedding, say); a "
+            f"LoRAEmbedding in its place would not compute what it computes. LoRA targets must be {SUPPORTED_TARGETS}"
+        )
+    if module.max_norm is not None:
+        return f"{name!r} renormalises its rows (max_norm={module.max_norm}), which LoRA on it cannot follow"
+    return None
 
 
 def _filter_hooks(module: nn.Module) -> tuple[int, ...]:
@@ -356,7 +490,7 @@ def _output_width(name: str, module: nn.Module) -> int:
     """Width of `module`'s output, read off its last linear (or embedding) layer."""
     width = None
     for sub in module.modules():
-        if isinstance(sub, (nn.Linear, LoRALinear)):
+        if isinstance(sub, (nn.Linear, LoRALayer)):
             width = sub.out_features
         elif is_conv1d(sub):
             width = sub.weight.shape[-1]
@@ -382,7 +516,7 @@ def sync_fused_encoder_paths(model: nn.Module) -> None:
     """PyTorch's fused encoder paths off wherever loratrf modules sit inside (they would skip
     them), and back on where none are left."""
     for module in model.modules():
-        holds = any(isinstance(m, (LoRALinear, TaskAwareFilter)) for m in module.modules())
+        holds = any(isinstance(m, (LoRALayer, TaskAwareFilter)) for m in module.modules())
         set_fused_encoder_path(module, enabled=not holds)
 
 

@@ -16,7 +16,9 @@ backward passes that save only the input and `[N, r]`-sized tensors (never an `[
 compute each rank-`r` product once, and (LoRA, when the activations outweigh the weight) fold
 `scale · B A` into an effective weight for the two large products. Everything else runs the
 plain formula through autograd. Without gradients to compute, the Functions' forward runs
-alone (the same code) and saves nothing.
+alone (the same code) and saves nothing. Inside `loratrf.cache_effective_weights`, an unmerged
+LoRA layer that records no gradient runs `base_linear` on its cached `W0 + scale · B A`
+(`loratrf.weight_cache`).
 
 **The kernels.** A rank-`r` product (`project`, the reductions over rows in backward,
 `expand`) has two implementations: ATen's (`F.linear` / `addmm`, MKL on CPU) and oneDNN's
@@ -24,8 +26,9 @@ linear (`torch.ops.mkldnn._linear_pointwise`), whose speed depends on the CPU, t
 the operands' layout (on a stride-0 operand oneDNN's took 300x as long). Where both apply
 (eager float32 on CPU) the faster is chosen by timing both on the first call of each shape
 class and layout (sizes rounded up to a power of two), and cached (`KernelChoice`,
-`kernel_choices`). `torch.use_deterministic_algorithms(True)`, `torch.backends.mkldnn.enabled
-= False` and `torch.compile` use ATen's alone; `use_kernels` forces one. Inputs and gradients
+`kernel_choices`); products over at most `FEW_ROWS` rows (decoding) run ATen's directly.
+`torch.use_deterministic_algorithms(True)`, `torch.backends.mkldnn.enabled = False` and
+`torch.compile` use ATen's alone; `use_kernels` forces one. Inputs and gradients
 whose strides no kernel reads well (a stride of 0, as in the gradient `.sum()` hands back, or
 no unit stride) are copied once to rows first (`rows`), as ATen's own matrix product does.
 """
@@ -35,12 +38,17 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from loratrf import quantized
 from loratrf._torch_internals import in_dispatch_mode, onednn_linear, unviewed
+
+if TYPE_CHECKING:
+    from loratrf.weight_cache import EffectiveWeight
 
 FAST_DTYPES = (torch.float32, torch.float64)
 
@@ -51,6 +59,13 @@ FAST_DTYPES = (torch.float32, torch.float64)
 # `[N, d_in]` input gradient in backward. By that count the break-even ratio is 2; measured
 # on 2-core CPUs (float32, r = 8) it is 2 to 4, so fusing starts at 4.
 FUSE_RATIO = 4.0
+
+# Products over at most this many rows (decoding: one token per sequence) run ATen's kernel
+# without a choice: at these sizes the choice's own per-call work (its checks and its lookup,
+# about 9 µs against ATen's 4 µs for a [1, 576] x [576, 9] product, measured) outweighs what
+# either kernel could save, and ATen's was the faster at every such size measured (oneDNN's:
+# about 36 µs at one row).
+FEW_ROWS = 32
 
 
 # --- dispatch ------------------------------------------------------------------------------
@@ -70,9 +85,12 @@ def lora_fast_path_applies(
 ) -> bool:
     """`LoRALinearFunction` serves layers whose base is frozen, without (active) dropout, with
     input, weight and adapter of one float32/float64 dtype and autocast off. An input of the
-    wrong width takes the plain path, so it fails with the base layer's own error."""
+    wrong width takes the plain path, so it fails with the base layer's own error. A quantized
+    weight (`loratrf.quantized`; torchao's report a float dtype) takes the plain path too: its
+    library implements `F.linear` on it, not the products of the hand-written backward."""
     frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
-    return not dropout and frozen and x.shape[-1] == U.shape[0] and fast_path_applies(x, weight, bias, U, V)
+    plain = quantized.is_quantized(weight)
+    return not (dropout or plain) and frozen and x.shape[-1] == U.shape[0] and fast_path_applies(x, weight, bias, U, V)
 
 
 def lora_linear(
@@ -87,15 +105,20 @@ def lora_linear(
     dropout: float = 0.0,
     fused: bool | None = None,
     fuse: bool | None = None,
+    cache: EffectiveWeight | None = None,
 ) -> Tensor:
     """`base_linear(x) + scale · (dropout(x) U) V`.
 
     Shapes: `x [..., in]`, `weight [out, in]` (`[in, out]` with `fan_in_fan_out`), `U [in, r]`,
     `V [r, out]`. `fused=None` takes `LoRALinearFunction` where `lora_fast_path_applies`;
     `fuse=None` folds the update into the weight where that is cheaper (`fuse_effective_weight`).
+    With a `cache` (`loratrf.cache_effective_weights`), a fused call that records no gradient
+    runs `base_linear` on the cached effective weight (eager only: a compiled graph forms it).
     """
     if fused is None:
         fused = lora_fast_path_applies(x, weight, bias, U, V, dropout)
+    if fused and cache is not None and not records_grad(x, U, V) and not torch.compiler.is_compiling():
+        return base_linear(x, cache.get(weight, U, V, scale, fan_in_fan_out), bias, fan_in_fan_out)
     if not fused:
         out = base_linear(x, weight, bias, fan_in_fan_out)
         if dropout:
@@ -163,7 +186,7 @@ def base_input_grad(g: Tensor, weight: Tensor, fan_in_fan_out: bool = False) -> 
 def project(x: Tensor, A: Tensor) -> Tensor:
     """`x Aᵀ = x U` with `A = Uᵀ [r, d]` stored row-major (ATen's `F.linear` runs this layout, and
     its backward, several times faster than `x @ U` for small r)."""
-    return mm_t(x, A)
+    return _mm_t_aten(x, A) if few_rows(x) else mm_t(x, A)
 
 
 def expand(residual: Tensor, z: Tensor, V: Tensor, scale: float, inplace: bool = False) -> Tensor:
@@ -171,7 +194,13 @@ def expand(residual: Tensor, z: Tensor, V: Tensor, scale: float, inplace: bool =
     written into `residual`."""
     if inplace:
         return residual.addmm_(z, V, alpha=scale)
-    return add_low_rank(residual, z, V, scale)
+    return _add_low_rank_aten(residual, z, V, scale) if few_rows(residual) else add_low_rank(residual, z, V, scale)
+
+
+def few_rows(x: Tensor) -> bool:
+    """Whether a product over the rows of `x [N, d]` runs ATen's kernel without a choice: `N <=
+    FEW_ROWS` (decoding, a token per sequence), unless `use_kernels` forces one."""
+    return x.shape[0] <= FEW_ROWS and _FORCED is None
 
 
 def low_rank(
@@ -417,7 +446,7 @@ def _lora_forward(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """`y = base_linear(x2) + scale · (x2 U) V` on rows `x2 [N, in]`; also `A = Uᵀ` and, when
     `keep_z` or needed anyway, `z = x2 U [N, r]`."""
-    A = U.T.contiguous()  # [r, in]
+    A = U.T if few_rows(x2) and not fuse else U.T.contiguous()  # [r, in]; row-major where it is read much
     # z first, while x is still in cache from whatever produced it; the large product is compute-bound
     z = project(x2, A) if keep_z or not fuse else None
     if fuse:
@@ -475,8 +504,8 @@ def _filter_forward(
     M = torch.cat([U.T, t.unsqueeze(0)])  # [r + 1, d]
     P = project(h2, M)  # [N, r + 1]: h U | h·t
     n = torch.linalg.vector_norm(h2, dim=-1) if cosine else None
-    s = score(P[:, r], n, t, cosine, eps)[0].clamp(0.0, 1.0)
-    return expand(h2, P[:, :r] * s.unsqueeze(-1), V, scale), M, P, n
+    s = score(P.select(1, r), n, t, cosine, eps)[0].clamp(0.0, 1.0)
+    return expand(h2, P.narrow(1, 0, r) * s.unsqueeze(-1), V, scale), M, P, n
 
 
 class TaskFilterFunction(torch.autograd.Function):

@@ -1,4 +1,4 @@
-"""summary: trainable parameters split into LoRA, filter and other, against the base model."""
+"""summary: trainable parameters split into LoRA, filter, token rows and other, against the base model."""
 
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ class Summary:
     dora: int = 0  # of `lora`: the trainable DoRA magnitude vectors (one entry per output feature)
     adapters: Mapping[str, int] = dataclasses.field(default_factory=dict)  # every adapter's size, trainable or not
     active: str | None = None  # the adapter that runs (`set_adapter`)
+    tokens: int = 0  # trainable token rows (`inject(trainable_tokens=...)`)
 
     @property
     def trainable(self) -> int:
-        return self.lora + self.filter + self.other
+        return self.lora + self.filter + self.tokens + self.other
 
     @property
     def percent(self) -> float:
@@ -35,8 +36,8 @@ class Summary:
         rows = [("LoRA", self.lora)]
         if self.dora:
             rows.append(("  DoRA magnitude", self.dora))
+        rows += [("filters", self.filter), *[("token rows", self.tokens)] * bool(self.tokens)]
         rows += [
-            ("filters", self.filter),
             ("other trainable", self.other),
             ("trainable total", self.trainable),
             ("base model", self.base_total),
@@ -72,7 +73,7 @@ def summary(model: nn.Module) -> Summary:
                 adapters = getattr(module, name, None)
                 if isinstance(adapters, nn.Module):
                     kind.update({id(p): "lora" for p in adapters.parameters()})
-    counts = {"lora": 0, "filter": 0, "other": 0, "base_total": 0, "dora": 0}
+    counts = {"lora": 0, "filter": 0, "other": 0, "base_total": 0, "dora": 0, "tokens": 0}
     for p in root.parameters():
         k = kind.get(id(p))
         if k is None:

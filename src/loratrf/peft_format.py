@@ -7,7 +7,16 @@ the base model's `named_modules()` (and `...lora_magnitude_vector`, `[out]`, DoR
 with `use_dora`). PEFT computes `base(x) + scale · B A dropout(x)` with
 `scale = lora_alpha / r` (or `/ sqrt(r)` with `use_rslora`), exactly what `LoRALinear` computes
 with `U = Aᵀ` and `V = Bᵀ`; `A` and `B` keep that layout for GPT-2's Conv1D too
-(`fan_in_fan_out` only describes the base weight). Neither function needs PEFT installed.
+(`fan_in_fan_out` only describes the base weight). An embedding's are `...lora_embedding_A`
+(`A`, `[r, num_embeddings]`) and `...lora_embedding_B` (`B`, `[dim, r]`), PEFT's
+`E[x] + scale · (A[:, x])ᵀ Bᵀ`, which `LoRAEmbedding` computes with the same `U = Aᵀ`, `V = Bᵀ`;
+the copy of the base table PEFT saves beside it (`...base_layer.weight`) is checked against the
+model's, never loaded. Neither function needs PEFT installed.
+
+PEFT's `trainable_token_indices` (`{embedding: [token ids]}`, or a list for the input
+embedding) are loratrf's trainable token rows (`inject(trainable_tokens=...)`): the rows
+`R [n, dim]` themselves (not differences) are `base_model.model.<embedding>.token_adapter.trainable_tokens_delta`,
+which both PEFT and loratrf read in a tied `lm_head` as well; PEFT saves no second copy for it.
 
 PEFT's `modules_to_save` (a classification head, say) are whole modules PEFT trains and saves,
 picked by the ends of their names; their tensors are keyed `base_model.model.<module>.<key>`
@@ -30,6 +39,7 @@ import collections
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,19 +49,30 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from loratrf.adapter_file import full_tensor, trainable_base_parameters, write_atomically
-from loratrf.config import DEFAULT_ADAPTER, LoRASpec, Plan, check_adapter_name
+from loratrf.adapter_file import full_tensor, linear_shape, trainable_base_parameters, write_atomically
+from loratrf.config import DEFAULT_ADAPTER, LoRASpec, Plan, check_adapter_name, token_ids
 from loratrf.errors import AdapterFileError, InjectionError
 from loratrf.filter import TaskAwareFilter
 from loratrf.inject import SUPPORTED_TARGETS, apply_plan, engine_problem, named_candidates
-from loratrf.lora import LoRAAdapter, LoRALinear, is_conv1d
+from loratrf.embedding import LoRAEmbedding
+from loratrf.lora import LoRALinear, is_conv1d
+from loratrf.lora_layer import LoRAAdapter, LoRALayer
+from loratrf.serving import check_servable, check_server
+from loratrf.token_rows import token_rows_of
 from loratrf.walk import named_filters, named_lora_layers, unwrap
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"  # older PEFT releases; read with weights_only=True
 PREFIX = "base_model.model."
-_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<which>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)")
+_KEY = re.compile(
+    r"base_model\.model\.(?P<module>.+)\."
+    r"(?P<which>lora_A\.weight|lora_B\.weight|lora_magnitude_vector|lora_embedding_A|lora_embedding_B)"
+)
+_AB, _EMBEDDING_AB = ("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B")
+# the base table PEFT saves beside LoRA on an embedding (`save_embedding_layers`), checked, not loaded
+_SAVED_BASE = re.compile(r"base_model\.model\.(?P<module>.+)\.base_layer\.weight")
+_TOKEN_ROWS = "token_adapter.trainable_tokens_delta"  # `<embedding>.<this>`: trainable token rows `[n, dim]`
 
 # adapter_config.json options loratrf understands; any other option must hold its default
 _UNDERSTOOD = {
@@ -78,6 +99,7 @@ _UNDERSTOOD = {
     "modules_to_save",
     "use_dora",
     "lora_bias",
+    "trainable_token_indices",
 }
 # options whose PEFT default is not None/False/empty
 _NON_EMPTY_DEFAULTS = {"megatron_core": "megatron.core", "qalora_group_size": 16}
@@ -94,6 +116,7 @@ def export_peft(
     adapter: str = DEFAULT_ADAPTER,
     lora_only: bool = False,
     base_model_name_or_path: str | None = None,
+    for_serving: str | None = None,
 ) -> dict[str, Any]:
     """Write the LoRA layers of adapter `adapter` of `model` as a PEFT LoRA adapter folder
     (created if missing):
@@ -109,7 +132,12 @@ def export_peft(
     `base_model_name_or_path` goes into the config (default: the model's
     `config._name_or_path`, for Hugging Face models). Under `torch.distributed` only rank 0
     writes; a sharded (FSDP2) model's tensors are gathered, so there every rank must call this.
+
+    `for_serving="vllm"` also refuses, before writing, a folder vLLM cannot serve as the model
+    computes (`loratrf.serving`: DoRA, modules to save, filters, ranks above 512, tensors it does not
+    read), each with its reason and the way out; without it nothing is checked for a server.
     """
+    check_server(for_serving)
     root = unwrap(model)
     lora_layers = dict(named_lora_layers(root))
     if not lora_layers:
@@ -121,25 +149,36 @@ def export_peft(
             f"the model holds no LoRA layers of adapter {adapter!r} to export; its LoRA adapters are {held}: "
             "pass export_peft(..., adapter=<one of them>)"
         )
-    if not lora_only:
+    if not lora_only and for_serving is None:
         _refuse_filters(root, adapter)
+    hosts = [] if lora_only else [host or "(the model itself)" for host, _ in named_filters(root, adapter)]
     saved = {} if lora_only else _modules_to_save(root)
+    if lora_only:
+        _say_what_is_left_out(root, adapter)
     config = peft_config(root, layers, base_model_name_or_path, modules_to_save=list(saved))
+    rows = {n: r for n, m in root.named_modules() if (r := token_rows_of(m, adapter)) is not None}
+    if rows:
+        config["trainable_token_indices"] = {name: r.ids.tolist() for name, r in rows.items()}
     tensors = {
         f"{PREFIX}{name}.{key}": full_tensor(t.detach()).cpu().contiguous()
         for name, module in saved.items()
         for key, t in module.state_dict().items()
     }
+    for name, r in rows.items():
+        tensors[f"{PREFIX}{name}.{_TOKEN_ROWS}"] = full_tensor(r.rows.detach()).cpu().contiguous()
     for name, layer in layers.items():
         U, V = (full_tensor(p.detach()) for p in (layer.lora.U, layer.lora.V))
         if U.is_meta or V.is_meta:
             raise AdapterFileError(
                 f"the adapter of {name!r} is on the meta device and holds no values; materialise the model first"
             )
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = U.T.cpu().contiguous()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = V.T.cpu().contiguous()
+        A, B = _EMBEDDING_AB if isinstance(lora_layers[name], LoRAEmbedding) else _AB
+        tensors[f"{PREFIX}{name}.{A}"] = U.T.cpu().contiguous()
+        tensors[f"{PREFIX}{name}.{B}"] = V.T.cpu().contiguous()
         if layer.dora:
             tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = full_tensor(layer.magnitude.detach()).cpu().contiguous()
+    if for_serving is not None:
+        check_servable(for_serving, config, tensors, hosts)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return config
     directory = Path(directory)
@@ -151,7 +190,7 @@ def export_peft(
 
 def peft_config(
     root: nn.Module,
-    layers: Mapping[str, LoRALinear | LoRAAdapter],
+    layers: Mapping[str, LoRALayer | LoRAAdapter],
     base_model_name_or_path: str | None = None,
     modules_to_save: list[str] | None = None,
 ) -> dict[str, Any]:
@@ -190,6 +229,7 @@ def peft_config(
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(root, "config", None), "_name_or_path", None) or None
     init = _most_common(layer.lora.init for layer in layers.values())
+    linear = [name for name in layers if isinstance(root.get_submodule(name), LoRALinear)]  # not an embedding
     return {
         "peft_type": "LORA",
         "task_type": None,
@@ -204,7 +244,7 @@ def peft_config(
         "alpha_pattern": alpha_pattern,
         "use_rslora": rsloras.pop(),
         "use_dora": doras.pop(),
-        "fan_in_fan_out": any(root.get_submodule(name).fan_in_fan_out for name in layers),
+        "fan_in_fan_out": any(getattr(root.get_submodule(name), "fan_in_fan_out", False) for name in linear),
         "bias": "none",
         "modules_to_save": modules_to_save or None,
         "init_lora_weights": "gaussian" if init == "gaussian" else True,
@@ -233,23 +273,28 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, adapter: str = D
     config = read_peft_config(directory)
     root = unwrap(model)
     candidates = named_candidates(root)
-    saved, tensors = _saved_modules(config, _read_weights(directory), candidates, directory)
+    tensors = _check_saved_bases(_read_weights(directory), candidates, directory)
+    tokens, rows, tensors = _token_rows(config, tensors, root, candidates, directory)
+    saved, tensors = _saved_modules(config, tensors, candidates, directory)
     pairs = _lora_pairs(tensors, directory)
     specs = _specs(config, pairs, candidates, directory, adapter)
     if problem := engine_problem(model):
         raise InjectionError(f"cannot import the adapter into this model: {problem}")
     trainable = [n for name in saved for n, _ in candidates[name].named_parameters(name, remove_duplicate=False)]
-    apply_plan(root, Plan(specs, {}, tuple(trainable)), adapter)
+    apply_plan(root, Plan(specs, {}, tuple(trainable), tokens=tokens), adapter)
     layers = dict(named_lora_layers(root))
     with torch.no_grad():
+        for name, values in rows.items():
+            token_rows_of(candidates[name], adapter).rows.copy_(values)
         for name, values in saved.items():
             state = candidates[name].state_dict(keep_vars=True)
             for key, tensor in values.items():
                 state[key].copy_(tensor)
         for name, pair in pairs.items():
             parts = layers[name].parts(adapter)
-            parts.lora.U.copy_(pair["lora_A.weight"].T)
-            parts.lora.V.copy_(pair["lora_B.weight"].T)
+            A, B = _factors(pair)
+            parts.lora.U.copy_(A.T)
+            parts.lora.V.copy_(B.T)
             if parts.dora:
                 parts.magnitude.copy_(pair["lora_magnitude_vector"])
     return list(pairs)
@@ -344,7 +389,7 @@ def _saved_modules(
         saved[name][state_key] = tensor
     for name, module in modules.items():
         inside = [n for n in modules if n.startswith(f"{name}.")]
-        inside += [n for n, m in module.named_modules(prefix=name) if isinstance(m, (LoRALinear, TaskAwareFilter))]
+        inside += [n for n, m in module.named_modules(prefix=name) if isinstance(m, (LoRALayer, TaskAwareFilter))]
         inside += [n for n in lora_modules if n == name or n.startswith(f"{name}.")]
         if inside:
             problems.append(
@@ -356,24 +401,101 @@ def _saved_modules(
     return saved, rest
 
 
+def _check_saved_bases(tensors: Mapping[str, Tensor], candidates, directory: Path) -> dict[str, Tensor]:
+    """The tensors but the base tables PEFT saves beside LoRA on embeddings
+    (`<module>.base_layer.weight`), each checked to equal the model's own."""
+    problems = []
+    for key, tensor in tensors.items():
+        if match := _SAVED_BASE.fullmatch(key):
+            module = candidates.get(match["module"])
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, Tensor) or weight.shape != tensor.shape:
+                found = "no such module" if module is None else f"{tuple(getattr(weight, 'shape', ()))}"
+                problems.append(f"{key!r}: the saved base weight {tuple(tensor.shape)}, where this model has {found}")
+            elif not torch.equal(weight.detach().cpu(), tensor.to(weight.dtype)):
+                problems.append(
+                    f"{key!r}: the saved base weight differs from this model's {match['module']!r} (the adapter was "
+                    "trained on other embeddings: resize and load the same base model, with the same added tokens)"
+                )
+    if problems:
+        raise AdapterFileError(f"{directory} does not fit this model: " + "; ".join(problems))
+    return {key: t for key, t in tensors.items() if not _SAVED_BASE.fullmatch(key)}
+
+
+def _token_rows(
+    config: Mapping[str, Any], tensors: Mapping[str, Tensor], root: nn.Module, candidates, directory: Path
+) -> tuple[dict[str, tuple[int, ...]], dict[str, Tensor], dict[str, Tensor]]:
+    """`({embedding name: token ids}, {embedding name: rows [n, dim]}, the other tensors)` from
+    `trainable_token_indices` (a list: the model's `get_input_embeddings()`; a mapping: the
+    embedding whose name ends with each key) and the `...token_adapter.trainable_tokens_delta` keys."""
+    indices = config.get("trainable_token_indices") or {}
+    path, problems = directory / CONFIG_NAME, []
+    if isinstance(indices, list):
+        embedding = root.get_input_embeddings() if hasattr(root, "get_input_embeddings") else None
+        names = [n for n, m in candidates.items() if m is embedding][:1]
+        if not names:
+            raise AdapterFileError(
+                f"{path}: trainable_token_indices is a list, which PEFT applies to the model's input embedding, and "
+                "this model has no get_input_embeddings(); write it as {'<embedding name>': [token ids]}"
+            )
+        indices = {names[0]: indices}
+    try:
+        indices = token_ids(f"{path}: trainable_token_indices", indices)
+    except InjectionError as e:
+        raise AdapterFileError(str(e)) from None
+    tokens, rows = {}, {}
+    for key, ids in indices.items():
+        matched = {id(m): n for n, m in candidates.items() if n == key or n.endswith(f".{key}")}
+        if len(matched) != 1:
+            found = "no module" if not matched else f"several modules {list(matched.values())}"
+            problems.append(f"trainable_token_indices names {key!r}, which is the end of the name of {found}")
+            continue
+        name = next(iter(matched.values()))
+        tokens[name] = ids
+        dim = getattr(candidates[name], "embedding_dim", None)
+        values = tensors.get(f"{PREFIX}{name}.{_TOKEN_ROWS}")
+        if values is None or tuple(values.shape) != (len(ids), dim) or not values.is_floating_point():
+            found = "none" if values is None else f"{values.dtype} {tuple(values.shape)}"
+            problems.append(f"{PREFIX}{name}.{_TOKEN_ROWS} must be rows ({len(ids)}, {dim}); found {found}")
+            continue
+        rows[name] = values
+    keys = {f"{PREFIX}{name}.{_TOKEN_ROWS}" for name in tokens}
+    problems += [
+        f"{k!r} holds token rows, which trainable_token_indices does not name"
+        for k in tensors
+        if k.endswith(_TOKEN_ROWS) and k not in keys
+    ]
+    if problems:
+        raise AdapterFileError(f"{directory} does not fit this model: " + "; ".join(problems))
+    return tokens, rows, {k: t for k, t in tensors.items() if not k.endswith(_TOKEN_ROWS)}
+
+
+def _factors(pair: Mapping[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
+    """`(A [r, in], B [out, r])` of a module's PEFT tensors (an embedding's `lora_embedding_A`
+    `[r, num_embeddings]` and `lora_embedding_B` `[dim, r]` have the same layout)."""
+    names = _EMBEDDING_AB if set(_EMBEDDING_AB) & set(pair) else _AB
+    return pair.get(names[0]), pair.get(names[1])
+
+
 def _lora_pairs(tensors: Mapping[str, Tensor], directory: Path) -> dict[str, dict[str, Tensor]]:
-    """`module name -> {"lora_A.weight": A [r, in], "lora_B.weight": B [out, r]}` (and
-    `"lora_magnitude_vector": m [out]` for DoRA), from PEFT's keys."""
+    """`module name -> {"lora_A.weight": A [r, in], "lora_B.weight": B [out, r]}` (an
+    embedding's `"lora_embedding_A"`, `"lora_embedding_B"`, and `"lora_magnitude_vector": m [out]`
+    for DoRA), from PEFT's keys."""
     found: dict[str, dict[str, Tensor]] = {}
     problems = []
     for key, tensor in tensors.items():
         match = _KEY.fullmatch(key)
         if match:
             found.setdefault(match["module"], {})[match["which"]] = tensor
-        elif "lora_embedding_" in key:
-            problems.append(f"{key!r} (LoRA on an embedding layer; loratrf's LoRA targets are {SUPPORTED_TARGETS})")
         else:
             problems.append(f"{key!r} (not a PEFT LoRA tensor key '{PREFIX}<module>.lora_A.weight' / .lora_B.weight)")
     for name, pair in found.items():
-        A, B = pair.get("lora_A.weight"), pair.get("lora_B.weight")
-        if A is None or B is None:
-            missing = "lora_A.weight" if A is None else "lora_B.weight"
-            problems.append(f"{PREFIX}{name}.{missing} is missing")
+        A, B = _factors(pair)
+        if set(_AB) & set(pair) and set(_EMBEDDING_AB) & set(pair):
+            problems.append(f"{name!r} has both a linear layer's and an embedding's LoRA tensors")
+        elif A is None or B is None:
+            names = _EMBEDDING_AB if "lora_embedding_A" in pair or "lora_embedding_B" in pair else _AB
+            problems.append(f"{PREFIX}{name}.{names[0] if A is None else names[1]} is missing")
         elif A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
             problems.append(
                 f"{name!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not "
@@ -414,19 +536,22 @@ def _specs(
         raise AdapterFileError(f"{path}: {e}") from None
     specs, problems = {}, []
     for name, pair in pairs.items():
-        A, B, magnitude = pair["lora_A.weight"], pair["lora_B.weight"], pair.get("lora_magnitude_vector")
+        (A, B), magnitude = _factors(pair), pair.get("lora_magnitude_vector")
         module = candidates.get(name)
         if module is None:
             problems.append(f"the model has no module named {name!r} (is the adapter from another model?)")
             continue
-        if isinstance(module, LoRALinear) and module.parts(adapter) is not None:
+        if isinstance(module, LoRALayer) and module.parts(adapter) is not None:
             problems.append(
                 f"{name!r} already has a LoRA adapter named {adapter!r}; import under another name (adapter=...) "
                 "or into the base model"
             )
             continue
-        if not (isinstance(module, (nn.Linear, LoRALinear)) or is_conv1d(module)):
+        if not (isinstance(module, (nn.Linear, LoRALinear)) or is_conv1d(module)) and "lora_A.weight" in pair:
             problems.append(f"{name!r} is a {type(module).__name__}; loratrf's LoRA targets are {SUPPORTED_TARGETS}")
+            continue
+        if not isinstance(module, nn.Embedding) and "lora_embedding_A" in pair:  # a LoRAEmbedding is one
+            problems.append(f"{name!r} is a {type(module).__name__}, and its LoRA tensors are an embedding's")
             continue
         if not _targeted(config, name):
             problems.append(
@@ -434,9 +559,7 @@ def _specs(
                 f"{config.get('target_modules')!r} does not name, so PEFT would not load them"
             )
             continue
-        rows, cols = module.weight.shape
-        fan_in_fan_out = module.fan_in_fan_out if isinstance(module, LoRALinear) else is_conv1d(module)
-        in_f, out_f = (rows, cols) if fan_in_fan_out else (cols, rows)
+        in_f, out_f = linear_shape(module)
         rank = _resolve(rank_pattern, r, name)
         if tuple(A.shape) != (rank, in_f) or tuple(B.shape) != (out_f, rank):
             problems.append(
@@ -523,6 +646,20 @@ def _target_modules(root: nn.Module, names: list[str]) -> list[str] | str:
     return "|".join(re.escape(n) for n in names)
 
 
+def _say_what_is_left_out(root: nn.Module, adapter: str) -> None:
+    """`lora_only=True`: one warning line with the filters and trainable base tensors the folder leaves out."""
+    filters = [f for _, f in named_filters(root, adapter)]
+    trainable = list(trainable_base_parameters(root).values())
+    if filters or trainable:
+        n_filter = sum(p.numel() for f in filters for p in f.parameters())
+        warnings.warn(
+            f"export_peft(lora_only=True) left out {len(filters)} task-aware filter(s) ({n_filter:,} parameters) "
+            f"and {len(trainable)} trainable base tensor(s) ({sum(p.numel() for p in trainable):,} parameters): "
+            "PEFT computes the LoRA layers alone; loratrf.save_adapter keeps everything",
+            stacklevel=3,
+        )
+
+
 def _refuse_filters(root: nn.Module, adapter: str) -> None:
     hosts = [host or "(the model itself)" for host, _ in named_filters(root, adapter)]
     if hosts:
@@ -548,7 +685,7 @@ def _modules_to_save(root: nn.Module) -> dict[str, nn.Module]:
     problems = []
     for owner in owners:
         modules = candidates[owner].named_modules(prefix=owner)
-        inside = [n for n, m in modules if isinstance(m, (LoRALinear, TaskAwareFilter))]
+        inside = [n for n, m in modules if isinstance(m, (LoRALayer, TaskAwareFilter))]
         if inside:
             problems.append(f"trainable module {owner!r} holds the adapter module {inside[0]!r}")
         also = [n for n in candidates if n != owner and n.endswith(owner)]

@@ -1,5 +1,6 @@
-"""`python -m loratrf.experiments {demo,grid,report,list}`: fine-tune all-MiniLM-L6-v2 on real
-sentences with full fine-tuning, LoRA, LoRATRF and the paper's other baselines, and compare them."""
+"""`python -m loratrf.experiments {demo,grid,report,list,demo-llm}`: fine-tune all-MiniLM-L6-v2 on real
+sentences with full fine-tuning, LoRA, LoRATRF and the paper's other baselines, and compare them;
+`demo-llm` fine-tunes the decoder SmolLM2-135M-Instruct on reasoning problems (docs/llm.md)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from loratrf.experiments.data import TASKS
+from loratrf.experiments.decoder import ModelFileError
 from loratrf.experiments.methods import EXAMPLES, GRAMMAR, LR_SWEEP, Method
 from loratrf.experiments.packages import MissingPackage
 from loratrf.experiments.results import GROWTH
@@ -20,12 +22,19 @@ from loratrf.experiments.studies import RANKS, STUDY_NAMES, Study, studies
 from loratrf.experiments.training import TrainingConfig
 
 SMOKE = TrainingConfig(train_size=48, dev_size=16, test_size=32, epochs=1, batch_size=16, max_length=32, max_steps=3)
+# demo-llm: SmolLM2-135M-Instruct on reasoning-gym arithmetic (docs/llm.md: about 10 minutes on 2 cores)
+LLM_TRAINING = TrainingConfig(
+    train_size=800, dev_size=32, test_size=200, epochs=1, batch_size=8, max_length=64, eval_batch_size=50
+)
+LLM_SMOKE = TrainingConfig(
+    train_size=16, dev_size=4, test_size=8, epochs=1, batch_size=8, max_length=128, eval_batch_size=8, max_steps=2
+)
 SEEDS = (0, 1, 2, 3, 4)
 RUNS = Path("docs/results/runs")  # the committed run files that docs/results.md is made from
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    defaults = TrainingConfig()
+def training_options(defaults: TrainingConfig, smoke: TrainingConfig) -> argparse.ArgumentParser:
+    """The options that make a `TrainingConfig` (a parent parser), with these defaults."""
     training = argparse.ArgumentParser(add_help=False)
     group = training.add_argument_group("data and training (the same for every method; they select the run files)")
     group.add_argument("--train-size", type=int, default=defaults.train_size, help="(default %(default)s)")
@@ -34,7 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--test-size",
         type=lambda s: None if s == "all" else int(s),
         default=defaults.test_size,
-        help="test sentences per source, or 'all' (default: all, every sentence not used for training or dev)",
+        help="test sentences per source, or 'all' (default: all, every sentence not used for training or dev)"
+        if defaults.test_size is None
+        else "test problems per task (default %(default)s)",
     )
     group.add_argument("--epochs", type=int, default=defaults.epochs, help="(default %(default)s)")
     group.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default %(default)s)")
@@ -42,13 +53,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--max-length", type=int, default=defaults.max_length, help="tokens per sentence at most (default %(default)s)"
     )
     group.add_argument("--max-steps", type=int, default=None, help="stop each run after this many optimiser steps")
-    group.add_argument("--smoke", action="store_true", help=f"a few steps on a tiny subset (the tests'): {SMOKE}")
+    group.add_argument("--smoke", action="store_true", help=f"a few steps on a tiny subset (the tests'): {smoke}")
+    return training
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    training = training_options(TrainingConfig(), SMOKE)
     chosen = argparse.ArgumentParser(add_help=False)
     group = chosen.add_argument_group("what to run")
     group.add_argument("--study", nargs="+", help="studies (default: all but demo; see `list`)")
     group.add_argument("--ranks", type=int, nargs="+", default=list(RANKS), help="ranks of the rank study")
     group.add_argument("--methods", nargs="+", metavar="SPEC", help=f"methods instead of the study's; {GRAMMAR}")
-    group.add_argument("--tasks", nargs="+", choices=sorted(TASKS), help="tasks instead of the study's")
+    sentence_tasks = sorted(n for n, t in TASKS.items() if t.kind == "sentences")
+    group.add_argument("--tasks", nargs="+", choices=sentence_tasks, help="tasks instead of the study's")
     group.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest per core on a busy machine)")
 
     parser = argparse.ArgumentParser(prog="python -m loratrf.experiments", description=__doc__)
@@ -80,14 +97,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     report.add_argument(
         "--seeds", type=int, nargs="+", default=list(SEEDS), help="training seeds (default %(default)s)"
     )
+    llm = sub.add_parser(
+        "demo-llm",
+        parents=[training_options(LLM_TRAINING, LLM_SMOKE)],
+        help="zero-shot vs LoRA vs LoRATRF on SmolLM2-135M-Instruct, scored by its generated answers",
+        description="Zero-shot, LoRA r=32 on q,k,v,f1,f2 (the paper's LLaMA baselines) and LoRATRF (LoRA r=32 on "
+        "o,f1,f2 + filters, the paper's LLaMA setup) on reasoning-gym problems, with the loss on the answer tokens "
+        "only, scored by exact match of greedy answers (docs/llm.md).",
+    )
+    problem_tasks = sorted(n for n, t in TASKS.items() if t.kind == "problems")
+    llm.add_argument("--task", choices=problem_tasks, default="arithmetic", help="(default %(default)s)")
+    llm.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="SPEC",
+        help="methods instead of the demo's (zeroshot, lora, dora, loratrf specs; e.g. loratrf:o,f1,f2:r32)",
+    )
+    llm.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (default %(default)s)")
+    llm.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (less memory, slower)")
+    llm.add_argument("--threads", type=int, help="torch CPU threads")
+    llm.add_argument("--out", type=Path, help="results folder (default: results/demo-llm-<time>); one is resumed")
     sub.add_parser("list", help="the studies, tasks, method specs and learning-rate sweeps")
     return parser.parse_args(argv)
 
 
 def training_config(args: argparse.Namespace) -> TrainingConfig:
+    llm = args.command == "demo-llm"
     if args.smoke:
-        return SMOKE
-    return TrainingConfig(
+        return LLM_SMOKE if llm else SMOKE
+    return dataclasses.replace(
+        LLM_TRAINING if llm else TrainingConfig(),
         train_size=args.train_size,
         dev_size=args.dev_size,
         test_size=args.test_size,
@@ -155,6 +194,65 @@ def run(args: argparse.Namespace) -> None:
         print(f"results: {page} and its figures in {out}/")
 
 
+LLM_HOW_TO_RUN = [
+    "## How to run",
+    "",
+    "    make demo-llm                                        # this page: zero-shot, LoRA, LoRATRF",
+    '    make demo-llm ARGS="--seeds 0 1 2"                   # more seeds (a folder given with --out resumes)',
+    '    make demo-llm ARGS="--methods zeroshot dora:q,k,v,f1,f2:r32 loratrf:o,f1,f2:r32"',
+    "",
+    "The recipe behind it, and what a bigger model needs, is in docs/llm.md.",
+]
+
+
+def run_llm(args: argparse.Namespace) -> None:
+    """`demo-llm`: train and score every missing run of the LLM demo, print and write its results."""
+    from loratrf.experiments.problem_runner import ProblemRunner
+    from loratrf.experiments.report import console_table, problem_setup_lines, write_page
+    from loratrf.experiments.runner import run_studies
+    from loratrf.experiments.studies import llm_demo
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    config = training_config(args)
+    out = args.out or (
+        Path(tempfile.mkdtemp(prefix="loratrf-smoke-"))
+        if args.smoke
+        else Path("results") / f"demo-llm-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    study = llm_demo(args.task)
+    if args.methods:
+        methods = tuple(str(Method.parse(m)) for m in args.methods)
+        pairs = tuple(p for p in study.comparisons if set(p) <= set(methods))
+        study = dataclasses.replace(study, methods=methods, comparisons=pairs)
+    print(f"training: {config}\nthreads: {torch.get_num_threads()}; seeds: {args.seeds}; runs in {out / 'runs'}")
+    runner = ProblemRunner(config, checkpointing=args.checkpointing)
+    runs = run_studies(runner, {"demo-llm": study}, args.seeds, out / "runs", tune=False)
+    print(f"\n{study.question}\n{console_table(study, runs)}")
+    for spec in study.methods:
+        for seed, record in sorted(runs.at_rate(Method.parse(spec), args.task).items()):
+            right = round(record["test"][args.task] * record["test_size"][args.task])
+            print(
+                f"{record['title']:<40} seed {seed}: exact match {100 * record['test'][args.task]:5.1f}% "
+                f"({right}/{record['test_size'][args.task]} test problems)"
+            )
+    setup = problem_setup_lines(config, runs, args.seeds)
+    page = write_page(
+        runs,
+        {"demo-llm": study},
+        config,
+        args.seeds,
+        out / "results.md",
+        out,
+        title="loratrf LLM demo results",
+        claims=False,
+        setup=setup,
+        how_to_run=LLM_HOW_TO_RUN,
+    )
+    print(f"results: {page} and its plot in {out}/; finished in {time.perf_counter() - start:.0f} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -177,9 +275,11 @@ def main(argv: list[str] | None = None) -> int:
             title = "Results: LoRATRF, LoRA and the paper's baselines on a real model and real data"
             page = write_page(runs, chosen, config, args.seeds, args.page, args.figures, title=title)
             print(f"wrote {page} and its figures in {args.figures}/ from {len(runs.records)} runs in {args.out}")
+        elif args.command == "demo-llm":
+            run_llm(args)
         else:
             run(args)
-    except (MissingPackage, ValueError) as e:
+    except (MissingPackage, ModelFileError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

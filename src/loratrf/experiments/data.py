@@ -87,11 +87,15 @@ SOURCES: dict[str, Source] = {
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """Train (and pick hyperparameters on dev) on `train`'s splits; report accuracy on each of `tests`' test splits."""
+    """Train (and pick hyperparameters on dev) on `train`'s splits; report accuracy on each of `tests`' test splits.
+
+    `kind`: "sentences" (classified by the encoder, runner.py) or "problems" (reasoning problems
+    answered by a decoder LLM, problems.py and problem_runner.py)."""
 
     train: str
     tests: tuple[str, ...]
     description: str
+    kind: str = "sentences"
 
 
 TASKS: dict[str, Task] = {
@@ -103,6 +107,12 @@ TASKS: dict[str, Task] = {
         "movies", ("movies", "tweets", "amazon", "nyt"), "train on movies; test in-domain and on tweets, Amazon, NYT"
     ),
     "trec": Task("trec", ("trec",), "TREC question type (6 classes)"),
+    "arithmetic": Task(
+        "arithmetic",
+        ("arithmetic",),
+        "reasoning-gym basic_arithmetic: a + b or a - b, a and b from 0 to 100",
+        "problems",
+    ),
 }
 
 

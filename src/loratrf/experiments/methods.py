@@ -3,6 +3,7 @@
 Spec grammar (`Method.parse`; `str(method)` gives the canonical spec back):
 
     full                          full fine-tuning (every parameter trains)
+    zeroshot                      nothing trains: the pretrained model as it is (decoder LLMs)
     head                          only the task head trains (the floor every method starts from)
     bitfit                        BitFit: every bias term of the model trains, and the head
     lora:<matrices>:r<rank>       LoRA on those matrices of every layer
@@ -48,9 +49,9 @@ from loratrf.presets import MATRICES
 if TYPE_CHECKING:
     import peft
 
-KINDS = ("full", "head", "lora", "loratrf", "filters", "bitfit", "adalora")
+KINDS = ("full", "head", "lora", "loratrf", "filters", "bitfit", "adalora", "zeroshot")
 GRAMMAR = (
-    "method specs are 'full', 'head', 'bitfit', 'lora:<matrices>:r<rank>', 'loratrf:<matrices>:r<rank>', "
+    "method specs are 'full', 'head', 'bitfit', 'zeroshot', 'lora:<matrices>:r<rank>', 'loratrf:<matrices>:r<rank>', "
     "'adalora:<matrices>:r<rank>' or 'filters:r<rank>', "
     "with <matrices> from q,k,v,o,f1,f2 joined by commas (or 'all'), optionally followed by ':fr<rank>' "
     "(the filters' rank), ':dot' (filters' similarity), ':cal' or ':con' (task vectors started at the mean or the "
@@ -89,10 +90,13 @@ LR_SWEEP = {
     "bitfit": ADAPTER_SWEEP,
     "adalora": ADAPTER_SWEEP,
 }
-DEFAULT_LR = {kind: rates[1] for kind, rates in LR_SWEEP.items()}
+DEFAULT_LR = {kind: rates[1] for kind, rates in LR_SWEEP.items()} | {"zeroshot": 0.0}  # zero-shot: nothing trains
 ARCHITECTURE = "bert"
 # The task head trains in every method: BERT's pooler (dense + tanh on [CLS]) and classifier.
 HEAD = (r"(?:.*\.)?pooler", "classifier")
+# Decoder LLMs (`prepare(..., architecture="llama")`, causal_lm.py): no new head (the LM head is
+# the tied embedding, frozen), and alpha 64, as at r=32 in the paper's LLaMA setup and its baselines.
+LLAMA_ALPHA = 64.0
 # How the task vectors start: spec field -> the words of a method's title
 STARTS = {"random": "random", "cal": "calibrated", "con": "contrastive"}
 # and the `loratrf.calibrate_filters` start that each calibrating field asks for
@@ -133,7 +137,7 @@ class Method:
             raise ValueError(f"similarity must be 'cosine' or 'dot', got {self.similarity!r}")
         if self.similarity == "dot" and self.kind not in ("loratrf", "filters"):
             raise ValueError("'dot' similarity needs filters (kind 'loratrf' or 'filters')")
-        if self.kind in ("full", "head", "bitfit"):
+        if self.kind in ("full", "head", "bitfit", "zeroshot"):
             if self.rank is not None:
                 raise ValueError(f"{self.kind!r} has no rank")
         elif self.rank is None:
@@ -205,6 +209,8 @@ class Method:
             return "head only"
         if self.kind == "bitfit":
             return "BitFit (biases + head)"
+        if self.kind == "zeroshot":
+            return "zero-shot"
         where = ",".join(self.matrices)
         if self.kind == "adalora":
             return f"AdaLoRA r={adalora_init_rank(self.rank)}→{self.rank} ({where})"
@@ -264,12 +270,37 @@ class Method:
 
 
 def prepare(
-    model: nn.Module, method: Method, *, total_steps: int | None = None
+    model: nn.Module, method: Method, *, total_steps: int | None = None, architecture: str = ARCHITECTURE
 ) -> loratrf.InjectionConfig | AdaLoRA | peft.LoraConfig | None:
     """Make `method` trainable in `model` (in place): inject adapters (PEFT's for ':peft', whose
     `LoraConfig` it returns), unfreeze all for `full`, only the head for `head`, the biases and
-    the head for `bitfit`. `adalora` needs the run's `total_steps` (its pruning schedule) and
-    returns the `AdaLoRA` whose hooks the training loop must call every step."""
+    the head for `bitfit`, nothing for `zeroshot`. `adalora` needs the run's `total_steps` (its
+    pruning schedule) and returns the `AdaLoRA` whose hooks the training loop must call every step.
+
+    `architecture="llama"`: a decoder LLM (causal_lm.py), which has no task head: `full`,
+    `zeroshot`, and loratrf's `lora`, `dora`, `loratrf` (alpha `LLAMA_ALPHA`) only."""
+    if method.kind == "zeroshot":
+        model.requires_grad_(False)
+        return None
+    if architecture == "llama":
+        if method.kind == "full":
+            model.requires_grad_(True)
+            return None
+        if method.kind not in ("lora", "loratrf") or method.peft:
+            raise ValueError(f"{method}: decoder LLMs take 'zeroshot', 'full', 'lora', 'dora' and 'loratrf' specs")
+        config = loratrf.presets.preset(
+            "llama",
+            method.matrices,
+            filters=method.filters,
+            rank=method.rank,
+            filter_rank=method.filter_rank,
+            alpha=LLAMA_ALPHA,
+            similarity=method.similarity,
+            gate=method.gate,
+            dora=method.dora,
+        )
+        loratrf.inject(model, config)
+        return config
     if method.kind in ("full", "head", "bitfit"):
         model.requires_grad_(method.kind == "full")
         if method.kind == "bitfit":

