@@ -487,6 +487,7 @@ def main(argv: list[str] | None = None) -> None:
         load = (load_start, os.getloadavg()[0])
         found = report(model_name, config, sizes, args.threads, args.clock, train, share, memory, decode, form_ms, load)
         insert(found[:3] + ([args.notes, ""] if args.notes else []) + found[3:], args.out)
+
     if "train" in parts:
         ids = torch.randint(0, vocab, (sizes.batch, sizes.seq), generator=torch.Generator().manual_seed(0))
         steps = {name: training_step(make(), ids) for name, make in training_models(base).items()}

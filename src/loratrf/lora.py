@@ -213,4 +213,3 @@ class LoRALinear(LoRALayer):
             f"in_features={self.in_features}, out_features={self.out_features}, {default}"
             f"bias={self.bias is not None}, merged={self.merged}" + (", dora=True" if self.dora else "")
         )
-
