@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -111,6 +112,10 @@ def float32_folder(source: Path | None = None, cache: Path | None = None) -> Pat
 def load(folder: Path) -> tuple[nn.Module, object]:
     """`(model, tokenizer)` from a converted folder, offline; the model in float32, evaluation mode."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
+    # transformers imports torchao when it is installed (the `quant` extra), which logs the GPU
+    # kernels it cannot load on a CPU and torch's deprecation of its pytree registrations: noise here
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     transformers = require("transformers", TRANSFORMERS)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
