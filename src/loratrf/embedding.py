@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loratrf.config import DEFAULT_ADAPTER, Init, LoRASpec, dtype_name
-from loratrf.lora_layer import LoRAAdapter, LoRALayer
+from loratrf.lora_layer import LoRAAdapter, LoRALayer, merged_output
 
 
 class LoRAEmbedding(LoRALayer, nn.Embedding):
@@ -95,7 +95,7 @@ class LoRAEmbedding(LoRALayer, nn.Embedding):
         if parts is None:
             return out
         if self.merged:
-            return self._merged_output(out, parts)
+            return merged_output(out, self.training, parts.lora.U)
         return self._adapted(x, out, parts)
 
     def _adapted(self, x: Tensor, out: Tensor, parts: LoRALayer | LoRAAdapter) -> Tensor:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from loratrf import kernels, quantized
 from loratrf._torch_internals import unviewed
 from loratrf.config import DEFAULT_ADAPTER, Init, LoRASpec, dtype_name
-from loratrf.lora_layer import LoRAAdapter, LoRALayer
+from loratrf.lora_layer import LoRAAdapter, LoRALayer, merged_output
 
 if TYPE_CHECKING:
     from loratrf.weight_cache import EffectiveWeight
@@ -146,7 +146,7 @@ class LoRALinear(LoRALayer):
         if parts is None:
             return self.base_forward(x)
         if self.merged:
-            return self._merged_output(self.base_forward(x), parts)
+            return merged_output(self.base_forward(x), self.training, parts.lora.U)
         if parts.dora:
             return self._dora_forward(x, self.base_forward(x), parts)
         if quantized.is_quantized(self.weight):  # the quantized base's own map, the update on the plain path

@@ -180,12 +180,6 @@ class LoRALayer(DoRAWeights, nn.Module):
                 "loratrf.unload(model), resize, then inject again"
             )
 
-    def _merged_output(self, out: Tensor, parts: LoRALayer | LoRAAdapter) -> Tensor:
-        """A merged layer's output, whose backward refuses while its adapter trains."""
-        if self.training and torch.is_grad_enabled() and parts.lora.U.requires_grad:
-            return _RefuseBackwardWhileMerged.apply(out, parts.lora.U)
-        return out
-
     def _forward_rows(self, x: Tensor, rows: AdapterRows) -> Tensor:
         """`use_adapters`: the base map on the whole batch `x [B, ...]`, then each adapter's
         `_adapted` on its own rows; rows of no adapter here keep the base."""
@@ -290,6 +284,15 @@ def refuse_merged_backward(grad: Tensor) -> Tensor:
 @refuse_merged_backward.register_fake
 def _(grad: Tensor) -> Tensor:
     return torch.empty_like(grad)
+
+
+def merged_output(out: Tensor, training: bool, adapter_tensor: Tensor) -> Tensor:
+    """The output `out` of a module whose adapter is merged into its weight: while that adapter
+    trains (`adapter_tensor` requires grad, in training mode with grad enabled), its backward
+    refuses, since the adapter would get no gradient; otherwise `out` itself."""
+    if training and torch.is_grad_enabled() and adapter_tensor.requires_grad:
+        return _RefuseBackwardWhileMerged.apply(out, adapter_tensor)
+    return out
 
 
 class _RefuseBackwardWhileMerged(torch.autograd.Function):

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from loratrf.config import DEFAULT_ADAPTER, default_adapter_dtype
 from loratrf.errors import InjectionError
-from loratrf.lora_layer import _RefuseBackwardWhileMerged
+from loratrf.lora_layer import merged_output
 from loratrf.rows import AdapterRows
 
 TOKEN_ROWS = "token_rows"  # on an embedding: an nn.ModuleDict, adapter name -> TokenRows
@@ -125,9 +125,7 @@ class TokenRowsDispatch:
                 "resize, then inject again"
             )
         if rows.merged:  # the weight holds R already
-            if host.training and torch.is_grad_enabled() and rows.rows.requires_grad:
-                return _RefuseBackwardWhileMerged.apply(out, rows.rows)
-            return out
+            return merged_output(out, host.training, rows.rows)
         return rows.lookup(x, out) if isinstance(host, nn.Embedding) else rows.logits(host, x, out)
 
 

@@ -288,19 +288,7 @@ def prepare(
             return None
         if method.kind not in ("lora", "loratrf") or method.peft:
             raise ValueError(f"{method}: decoder LLMs take 'zeroshot', 'full', 'lora', 'dora' and 'loratrf' specs")
-        config = loratrf.presets.preset(
-            "llama",
-            method.matrices,
-            filters=method.filters,
-            rank=method.rank,
-            filter_rank=method.filter_rank,
-            alpha=LLAMA_ALPHA,
-            similarity=method.similarity,
-            gate=method.gate,
-            dora=method.dora,
-        )
-        loratrf.inject(model, config)
-        return config
+        return _inject(model, method, "llama", LLAMA_ALPHA)
     if method.kind in ("full", "head", "bitfit"):
         model.requires_grad_(method.kind == "full")
         if method.kind == "bitfit":
@@ -315,16 +303,23 @@ def prepare(
         return AdaLoRA(model, method, total_steps)
     if method.peft:
         return peft_lora(model, method)
+    return _inject(model, method, ARCHITECTURE, ALPHA, trainable=HEAD)
+
+
+def _inject(
+    model: nn.Module, method: Method, architecture: str, alpha: float, trainable: tuple[str, ...] = ()
+) -> loratrf.InjectionConfig:
+    """Inject `method`'s LoRA layers and filters into `model` through `architecture`'s preset."""
     config = loratrf.presets.preset(
-        ARCHITECTURE,
+        architecture,
         method.matrices,
         filters=method.filters,
         rank=method.rank,
         filter_rank=method.filter_rank,
-        alpha=ALPHA,
+        alpha=alpha,
         similarity=method.similarity,
         gate=method.gate,
-        trainable=HEAD,
+        trainable=trainable,
         dora=method.dora,
     )
     loratrf.inject(model, config)
