@@ -18,7 +18,7 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(CON
 # training 3x slower (measured); on a quiet one it costs little.
 RUN := OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 $(BIN)/python
 
-.PHONY: test demo demo-llm study report story bench clean
+.PHONY: test demo demo-llm study report study-llm report-llm story bench clean
 
 $(VENV)/.torch:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,14 @@ study: $(VENV)/.test
 # docs/results.md from the run files in docs/results/runs/
 report: $(VENV)/.test
 	$(RUN) -m loratrf.experiments report
+
+# The LLM studies of docs/results-llm.md on SmolLM2-135M-Instruct, one file per run in
+# docs/results-llm/runs/: 20 to 30 CPU-hours in all; rerun to resume (two runners share the runs).
+study-llm: $(VENV)/.llm
+	$(RUN) -m loratrf.experiments llm-grid --threads 1 $(ARGS)
+
+report-llm: $(VENV)/.llm
+	$(RUN) -m loratrf.experiments llm-report $(ARGS)
 
 story: $(VENV)/.test
 	$(BIN)/python examples/story.py

@@ -7,13 +7,12 @@ import argparse
 import ctypes
 import ctypes.util
 import gc
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+
+from loratrf.experiments.runner import cpu_model  # noqa: F401 (the benchmarks' CPU line)
 
 
 @dataclass(frozen=True)
@@ -97,19 +96,6 @@ def keep_freed_memory() -> bool:
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
-
-def cpu_model() -> str:
-    """`lscpu`'s model name (from /proc/cpuinfo), with the number of CPUs."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} ({os.cpu_count()} CPUs)"
 
 
 def layer_arguments(doc: str, rounds: int, shape: tuple[int, int, int]) -> argparse.ArgumentParser:

@@ -1,5 +1,8 @@
 """Independent reference formulas, written out from the paper, in float64."""
 
+import math
+
+import torch
 import torch.nn.functional as F
 from einops import einsum
 
@@ -32,3 +35,29 @@ def lora_magnitude(layer, x):
     ax, lora = x.double().abs(), layer.lora
     magnitude = ax @ layer.weight.double().abs().T + lora.scale * (ax @ lora.U.double().abs()) @ lora.V.double().abs()
     return magnitude if layer.bias is None else magnitude + layer.bias.double().abs()
+
+
+def peft_twins(ours, theirs):
+    """Pair each loratrf `LoRALinear` of `ours` with PEFT's layer of the same name in `theirs`.
+
+    Checks PEFT's scaling against loratrf's and PEFT's initialisation (A uniform within
+    ±1/sqrt(d_in), B = 0). Then gives V random values, so the adapters act, and copies loratrf's
+    U and V into PEFT's A = Uᵀ [r, d_in] and B = Vᵀ [d_out, r]. Returns the layer names and
+    `[(loratrf parameter, PEFT parameter)]`: V with B, U with A."""
+    import loratrf
+
+    names, pairs = [], []
+    for name, layer in ours.named_modules():
+        if not isinstance(layer, loratrf.LoRALinear):
+            continue
+        host = theirs.get_submodule(name)
+        a, b = host.lora_A["default"].weight, host.lora_B["default"].weight
+        assert host.scaling["default"] == layer.lora.scale
+        assert a.abs().max() <= 1 / math.sqrt(layer.lora.d_in) and torch.count_nonzero(b) == 0
+        with torch.no_grad():
+            layer.lora.V.normal_()
+            a.copy_(layer.lora.U.T)
+            b.copy_(layer.lora.V.T)
+        names.append(name)
+        pairs += [(layer.lora.V, b), (layer.lora.U, a)]
+    return names, pairs

@@ -26,6 +26,7 @@ from loratrf.experiments.runner import claim, run_studies
 from loratrf.experiments.studies import RANKS, STUDY_NAMES, Study, studies
 from loratrf.experiments.progress import Progress
 from loratrf.experiments.training import TrainingConfig, pad, schedule_factor
+from reference import peft_twins
 
 # `make test` installs the demo's packages, so in CI (CI=true) nothing here may be skipped.
 NOT_IN_CI = not os.environ.get("CI")
@@ -915,18 +916,10 @@ def test_pefts_lora_is_built_like_loratrfs_and_computes_the_same_function():
     prepare(theirs, Method.parse("lora:v,f1,f2:r4:peft"))
     counts = ("lora", "filter", "other", "base_total", "dora")  # (PEFT's model names no loratrf adapter)
     assert [getattr(loratrf.summary(ours), c) for c in counts] == [getattr(loratrf.summary(theirs), c) for c in counts]
-    peft_layers = {n.removesuffix(".lora_A"): m for n, m in theirs.named_modules() if n.endswith(".lora_A")}
-    loratrf_layers = {n: m for n, m in ours.named_modules() if isinstance(m, loratrf.LoRALinear)}
-    assert len(peft_layers) == len(loratrf_layers) == 2 * 3
-    for name, layer in loratrf_layers.items():
-        host = theirs.get_submodule(name)
-        a, b = host.lora_A["default"].weight, host.lora_B["default"].weight  # [r, d_in], [d_out, r]
-        assert host.scaling["default"] == layer.lora.scale == 16 / 4
-        assert a.abs().max() <= 1 / math.sqrt(layer.lora.d_in) and torch.count_nonzero(b) == 0  # PEFT's init
-        with torch.no_grad():
-            layer.lora.V.normal_()  # B != 0, so the adapters act
-            a.copy_(layer.lora.U.T)
-            b.copy_(layer.lora.V.T)
+    peft_layers = {n.removesuffix(".lora_A") for n, _ in theirs.named_modules() if n.endswith(".lora_A")}
+    layers, _ = peft_twins(ours, theirs)
+    assert set(layers) == peft_layers and len(layers) == 2 * 3
+    assert ours.get_submodule(layers[0]).lora.scale == 16 / 4
     ids = torch.randint(3, 50, (4, 7))
     ours.eval(), theirs.eval()
     with torch.no_grad():

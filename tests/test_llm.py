@@ -4,6 +4,7 @@ downloaded, and the real model is never needed."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -17,6 +18,8 @@ from loratrf.experiments import causal_lm, decoder, problems
 from loratrf.experiments.methods import Method, prepare
 from loratrf.experiments.packages import MissingPackage
 from loratrf.experiments.results import Runs, correctness, read_runs
+from loratrf.experiments.studies import LLM_CANDIDATES
+from reference import peft_twins
 from loratrf.experiments.training import TrainingConfig
 
 transformers = pytest.importorskip("transformers", reason="the `hf` extra (transformers) is not installed")
@@ -324,18 +327,42 @@ def test_the_cache_is_outside_the_repository_unless_asked(monkeypatch, tmp_path)
 reasoning_gym = pytest.importorskip("reasoning_gym", reason="the `llm` extra (reasoning-gym) is not installed")
 
 
-def test_problems_are_fixed_by_their_seeds_and_training_never_holds_a_test_question():
+def test_problems_are_fixed_by_their_seeds_and_each_question_is_in_one_part_once():
     first = problems.splits("arithmetic", train_size=300, dev_size=20, test_size=50)
     again = problems.splits("arithmetic", train_size=300, dev_size=20, test_size=50)
     assert first["test"].questions == again["test"].questions and first["train"].answers == again["train"].answers
-    assert len(first["train"]) == 300
-    held = set(first["dev"].questions) | set(first["test"].questions)
-    assert not held & set(first["train"].questions)
+    assert [len(first[part]) for part in ("dev", "train", "test")] == [20, 300, 50]
+    every = [q for part in ("dev", "train", "test") for q in first[part].questions]
+    assert len(set(every)) == len(every), "each question once, within and across the parts"
+    # the seed's own order, repeats skipped: a larger part only adds problems after these
+    drawn = problems.generate("arithmetic", "test", 400)
+    kept = [q for q in dict.fromkeys(drawn.questions) if q not in first["dev"].questions][:50]
+    assert list(first["test"].questions) == kept
+    assert len(set(drawn.questions)) == 400
     # the task's settings: two terms, + or -, one or two digits, no parentheses or negation
     for question, answer in zip(first["test"].questions, first["test"].answers):
         a, op, b = question.removeprefix("Calculate ").removesuffix(".").split(" ")
         assert op in "+-" and 0 <= int(a) <= 100 and 0 <= int(b) <= 100  # reasoning-gym: 2 digits reach 100
         assert int(answer) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+
+
+@pytest.mark.parametrize("name", LLM_CANDIDATES)
+def test_each_study_task_has_a_thousand_distinct_test_problems_its_scorer_marks_right(name):
+    from loratrf.experiments.cli import LLM_STUDY
+
+    parts = problems.splits(name, train_size=LLM_STUDY.train_size, dev_size=200, test_size=LLM_STUDY.test_size)
+    assert LLM_STUDY.test_size >= 1000 and len(set(parts["test"].questions)) == LLM_STUDY.test_size
+    assert not set(parts["test"].questions) & (set(parts["dev"].questions) | set(parts["train"].questions))
+    test = parts["test"]
+    assert test.exact(test.answers) == [True] * len(test)
+    wrong = [a + "0" if a[-1].isdigit() else a + "x" for a in test.answers[:50]]
+    assert not any(test.exact(list(wrong) + list(test.answers[50:]))[:50])
+
+
+def test_a_part_that_cannot_find_enough_distinct_questions_says_so(monkeypatch):
+    monkeypatch.setattr(problems, "MAX_DRAWS", 1)  # draw 1,000 and keep the distinct ones: 692 here
+    with pytest.raises(ValueError, match="arithmetic: 692 of 1000 test problems are new questions, fewer than 1000"):
+        problems.generate("arithmetic", "test", 1000)
 
 
 def test_exact_match_is_full_marks_from_the_tasks_scorer_by_hand():
@@ -433,6 +460,27 @@ def test_decoder_methods_build_the_papers_llama_setups():
     assert str(Method.parse("zeroshot")) == "zeroshot" and Method.parse("zeroshot").title == "zero-shot"
 
 
+def test_pefts_lora_on_a_decoder_is_built_like_loratrfs_and_computes_the_same_loss():
+    """`:peft` on LLaMA: the same five targets, alpha 64 and PEFT's init; with loratrf's U, V
+    copied into PEFT's A, B (`A = Uᵀ`, `B = Vᵀ`) both give the same answer loss and gradients
+    (in float64: float32 rounding, amplified through attention, differs by 5e-4 of the largest)."""
+    ours, theirs = tiny_llama(3).double(), tiny_llama(3).double()
+    prepare(ours, Method.parse("lora:q,k,v,f1,f2:r4"), architecture="llama")
+    prepare(theirs, Method.parse("lora:q,k,v,f1,f2:r4:peft"), architecture="llama")
+    layers, pairs = peft_twins(ours, theirs)
+    assert len(layers) == 2 * 5 and ours.get_submodule(layers[0]).lora.scale == 64 / 4
+    assert {n for n, p in theirs.named_parameters() if p.requires_grad} == {
+        f"{n}.lora_{ab}.default.weight" for n in layers for ab in "AB"
+    }
+    prompts, answers = random_rows(12, [5, 7]), random_rows(13, [3, 2])
+    losses = [causal_lm.answer_loss(m, prompts, answers, pad_id=END) for m in (ours, theirs)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=0)
+    for loss in losses:
+        loss.backward()
+    for ours_p, theirs_p in pairs:
+        torch.testing.assert_close(ours_p.grad.T, theirs_p.grad, rtol=1e-9, atol=1e-12)
+
+
 def test_the_answer_loss_matches_transformers_own_shifted_loss():
     """A second reference: transformers' causal-LM loss with the prompt labels set to -100."""
     model = adapted(9)
@@ -489,3 +537,82 @@ def test_a_run_is_deterministic():
         problem_runner.ProblemRunner(config, tiny_llama(12), char_tokenizer()).run(spec, "run") for _ in range(2)
     )
     assert first["train_loss"] == second["train_loss"] and first["test_answers"] == second["test_answers"]
+
+
+# --- the LLM studies (llm-grid, llm-report) -----------------------------------------------------------------
+
+
+def test_the_module_study_holds_the_budget_of_r32_on_o_f1_f2_at_smollm2s_widths():
+    """By hand, per layer (in + out of each linear; k and v are 576 -> 192 under grouped-query
+    attention): o 1152, f1 = up 576 + 1536, f2 = down 1536 + 576, so r=32 on o,f1,f2 is
+    32 * 5376 = 172,032; q,v cost 1152 + 768 = 1920 a rank, so r = round(172032 / 1920) = 90."""
+    from loratrf.experiments.studies import llm_studies
+    from quantized import SMOLLM2  # benchmarks/: SmolLM2-135M's config
+
+    config = transformers.LlamaConfig(**{**SMOLLM2, "num_hidden_layers": 2})
+    with torch.device("meta"):
+        base = transformers.LlamaForCausalLM(config)
+    q, k, v, o, f1, f2 = 1152, 768, 768, 1152, 2112, 2112
+    budget = 32 * (o + f1 + f2)
+    costs = [q + v, q + k + v + o, f1 + f2, o + f1 + f2, q + k + v + f1 + f2, q + k + v + o + f1 + f2]
+    ranks = [round(budget / c) for c in costs]
+    assert ranks == [90, 45, 41, 32, 25, 21]
+    methods = llm_studies(base)["llm-module"].methods
+    assert [Method.parse(m).rank for m in methods] == ranks
+    assert all(Method.parse(m).filter_rank in (None, 32) and Method.parse(m).filters for m in methods)
+    assert f"{2 * budget:,} parameters" in llm_studies(base)["llm-module"].question  # two layers
+
+
+def test_zero_shot_in_a_tuned_study_runs_at_no_rate_and_a_study_may_keep_to_its_own_seeds():
+    from loratrf.experiments.results import Runs
+    from loratrf.experiments.runner import seed_runs, sweep_runs
+    from loratrf.experiments.studies import Study
+
+    study = Study("choice", ("zeroshot", "lora:o:r2", "lora:v:r2:lr=0.001"), ("arithmetic",))
+    specs = sweep_runs(study, Runs([]))
+    assert [(str(s.method), s.lr) for s in specs] == [("lora:o:r2", 3e-4), ("lora:o:r2", 1e-3), ("lora:o:r2", 3e-3)]
+    runs = Runs([])
+    assert runs.rate(Method.parse("zeroshot"), "arithmetic") == 0.0 and runs.sweep(Method.parse("zeroshot"), "x") == {}
+    assert runs.rate(Method.parse("lora:v:r2:lr=0.001"), "arithmetic") == 1e-3
+    assert runs.rate(Method.parse("lora:o:r2"), "arithmetic") is None  # until its sweep is done
+    once = Study("choice", ("zeroshot", "lora:v:r2:lr=0.001"), ("arithmetic",), seeds=(0, 5))
+    found, waiting = seed_runs(once, [0, 1, 2], runs)  # a study's own seeds: those it runs, of those asked
+    assert [(str(s.method), s.seed) for s in found] == [("zeroshot", 0), ("lora:v:r2", 0)] and not waiting
+
+
+def test_llm_grid_sweeps_records_gates_on_problems_resumes_and_reports(tmp_path, monkeypatch, capsys):
+    """`llm-grid` on the tiny model: the filter-start study's sweeps and seeds into run files that
+    record the CPU, and gates at the start and after training on the task's test problems; a second
+    call trains nothing; `llm-report` writes the page."""
+    from loratrf.experiments import cli, problem_runner
+    from loratrf.experiments.runner import cpu_model
+    from loratrf.experiments.studies import LLM_TASKS
+
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(problem_runner.decoder, "float32_folder", lambda: tmp_path / "unused")
+    monkeypatch.setattr(problem_runner.decoder, "load", lambda folder: (tiny_llama(12), char_tokenizer()))
+    options = ["--train-size", "16", "--dev-size", "4", "--test-size", "8", "--max-steps", "2", "--max-length", "400"]
+    grid = ["llm-grid", "--study", "llm-start", "--seeds", "0", "--out", str(tmp_path / "runs"), *options]
+    assert cli.main(grid) == 0
+    config = dataclasses.replace(cli.LLM_STUDY, train_size=16, dev_size=4, test_size=8, max_steps=2, max_length=400)
+    records = read_runs(tmp_path / "runs", config)
+    assert all(r["dev"] == 0.0 for r in records)  # two steps: ties, so each sweep grows down twice
+    assert sorted((r["method"], r["lr"]) for r in records) == [
+        (m, lr) for m in ("loratrf:o,f1,f2:r32", "loratrf:o,f1,f2:r32:cal:aff") for lr in (3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
+    ]
+    for record in records:
+        assert record["machine"]["cpu"] == cpu_model()
+        gates = record["gates"]
+        assert gates["source"] == LLM_TASKS[0] and gates["sentences"] == 8
+        assert sorted(gates["start"]["stats"]) == sorted(gates["trained"]["stats"]) == ["layers.0", "layers.1"]
+        assert all(len(row) == problem_runner.PICTURE_TAIL for row in gates["picture"]["tokens"])
+        assert gates["picture"]["tokens"][0][-1] == "<|im_end|>"  # the answer's end is in the picture
+    capsys.readouterr()
+    assert cli.main(grid) == 0
+    assert "0 to train" in capsys.readouterr().out and len(read_runs(tmp_path / "runs", config)) == 10
+    page, figures = tmp_path / "results-llm.md", tmp_path / "figures"
+    report = ["llm-report", "--study", "llm-start", "--seeds", "0", "--out", str(tmp_path / "runs")]
+    assert cli.main([*report, *options, "--page", str(page), "--figures", str(figures)]) == 0
+    text = page.read_text()
+    assert "### llm-start" in text and "swept on dev at seed 0" in text and cpu_model() in text
+    assert "#### gates: LoRATRF r=32 (o,f1,f2 + filters)" in text and "make study-llm" in text

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import loratrf
 from loratrf.experiments import training
 from loratrf.experiments.training import TrainingConfig
 
@@ -77,9 +78,11 @@ def answer_loss(
     ids = pad_right([p + a for p, a in zip(prompts, answers)], pad_id).to(device)  # (B, T)
     mask = pad_right([[1] * (len(p) + len(a)) for p, a in zip(prompts, answers)], 0).to(device)  # (B, T)
     labels = pad_right([[IGNORE] * len(p) + list(a) for p, a in zip(prompts, answers)], IGNORE).to(device)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
-    # position t predicts token t + 1
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+    targets = labels[:, 1:]  # position t predicts token t + 1
+    # the head runs only where some row has an answer token to predict (K of T positions)
+    keep = (targets != IGNORE).any(0).nonzero().squeeze(1)  # (K,)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits  # (B, K, V)
+    return F.cross_entropy(logits.flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE)
 
 
 def train(
@@ -167,18 +170,20 @@ def answer_texts(
     model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int
 ) -> list[str]:
     """Greedy answers as text, in the prompts' order: batches of prompts of similar length (less
-    padding), decoded without special tokens and stripped."""
+    padding), decoded without special tokens and stripped. Each unmerged LoRA layer forms its
+    effective weight once for all of them (`loratrf.cache_effective_weights`)."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     texts = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        answers = generate(
-            model,
-            [prompts[i] for i in rows],
-            pad_id=tokenizer.pad_token_id,
-            end_id=tokenizer.eos_token_id,
-            max_new_tokens=max_new_tokens,
-        )
-        for i, answer in zip(rows, answers):
-            texts[i] = tokenizer.decode(answer, skip_special_tokens=True).strip()
+    with loratrf.cache_effective_weights(model):
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            answers = generate(
+                model,
+                [prompts[i] for i in rows],
+                pad_id=tokenizer.pad_token_id,
+                end_id=tokenizer.eos_token_id,
+                max_new_tokens=max_new_tokens,
+            )
+            for i, answer in zip(rows, answers):
+                texts[i] = tokenizer.decode(answer, skip_special_tokens=True).strip()
     return texts

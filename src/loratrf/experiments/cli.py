@@ -1,6 +1,7 @@
-"""`python -m loratrf.experiments {demo,grid,report,list,demo-llm}`: fine-tune all-MiniLM-L6-v2 on real
-sentences with full fine-tuning, LoRA, LoRATRF and the paper's other baselines, and compare them;
-`demo-llm` fine-tunes the decoder SmolLM2-135M-Instruct on reasoning problems (docs/llm.md)."""
+"""`python -m loratrf.experiments {demo,grid,report,list,demo-llm,llm-grid,llm-report}`: fine-tune
+all-MiniLM-L6-v2 on real sentences with full fine-tuning, LoRA, LoRATRF and the paper's other
+baselines, and compare them; `demo-llm` fine-tunes the decoder SmolLM2-135M-Instruct on reasoning
+problems (docs/llm.md), and `llm-grid` runs the paper's LLM studies on it (docs/results-llm.md)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from loratrf.experiments.decoder import ModelFileError
 from loratrf.experiments.methods import EXAMPLES, GRAMMAR, LR_SWEEP, Method
 from loratrf.experiments.packages import MissingPackage
 from loratrf.experiments.results import GROWTH
-from loratrf.experiments.studies import RANKS, STUDY_NAMES, Study, studies
+from loratrf.experiments.studies import LLM_STUDY_NAMES, RANKS, STUDY_NAMES, Study, llm_studies, studies
 from loratrf.experiments.training import TrainingConfig
 
 SMOKE = TrainingConfig(train_size=48, dev_size=16, test_size=32, epochs=1, batch_size=16, max_length=32, max_steps=3)
@@ -26,11 +27,17 @@ SMOKE = TrainingConfig(train_size=48, dev_size=16, test_size=32, epochs=1, batch
 LLM_TRAINING = TrainingConfig(
     train_size=800, dev_size=32, test_size=200, epochs=1, batch_size=8, max_length=64, eval_batch_size=50
 )
+# llm-grid: the LLM studies of docs/results-llm.md (200 steps of batch 8, 1,000 test problems a task)
+LLM_STUDY = TrainingConfig(
+    train_size=1600, dev_size=200, test_size=1000, epochs=1, batch_size=8, max_length=192, eval_batch_size=50
+)
 LLM_SMOKE = TrainingConfig(
     train_size=16, dev_size=4, test_size=8, epochs=1, batch_size=8, max_length=128, eval_batch_size=8, max_steps=2
 )
 SEEDS = (0, 1, 2, 3, 4)
+LLM_SEEDS = (0, 1, 2)
 RUNS = Path("docs/results/runs")  # the committed run files that docs/results.md is made from
+LLM_RUNS = Path("docs/results-llm/runs")  # and those of docs/results-llm.md
 
 
 def training_options(defaults: TrainingConfig, smoke: TrainingConfig) -> argparse.ArgumentParser:
@@ -117,16 +124,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     llm.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (less memory, slower)")
     llm.add_argument("--threads", type=int, help="torch CPU threads")
     llm.add_argument("--out", type=Path, help="results folder (default: results/demo-llm-<time>); one is resumed")
+    llm_training = training_options(LLM_STUDY, LLM_SMOKE)
+    llm_grid = sub.add_parser(
+        "llm-grid",
+        parents=[llm_training],
+        help="run the LLM studies: each method's learning-rate sweep, then every seed at the chosen rate",
+    )
+    llm_report = sub.add_parser(
+        "llm-report", parents=[llm_training], help="regenerate docs/results-llm.md from run files of these settings"
+    )
+    for command in (llm_grid, llm_report):
+        command.add_argument("--study", nargs="+", choices=LLM_STUDY_NAMES, help="studies (default: all)")
+        command.add_argument("--out", type=Path, default=LLM_RUNS, help="run files' folder (default %(default)s)")
+        command.add_argument("--seeds", type=int, nargs="+", default=list(LLM_SEEDS), help="(default %(default)s)")
+    llm_grid.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest per core on a busy machine)")
+    llm_grid.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (less memory, slower)")
+    llm_report.add_argument("--page", type=Path, default=Path("docs/results-llm.md"), help="(default %(default)s)")
+    llm_report.add_argument("--figures", type=Path, default=Path("docs/results-llm"), help="(default %(default)s)")
     sub.add_parser("list", help="the studies, tasks, method specs and learning-rate sweeps")
     return parser.parse_args(argv)
 
 
 def training_config(args: argparse.Namespace) -> TrainingConfig:
-    llm = args.command == "demo-llm"
+    llm = args.command in ("demo-llm", "llm-grid", "llm-report")
     if args.smoke:
         return LLM_SMOKE if llm else SMOKE
     return dataclasses.replace(
-        LLM_TRAINING if llm else TrainingConfig(),
+        {"demo-llm": LLM_TRAINING, "llm-grid": LLM_STUDY, "llm-report": LLM_STUDY}.get(args.command, TrainingConfig()),
         train_size=args.train_size,
         dev_size=args.dev_size,
         test_size=args.test_size,
@@ -253,6 +277,55 @@ def run_llm(args: argparse.Namespace) -> None:
     print(f"results: {page} and its plot in {out}/; finished in {time.perf_counter() - start:.0f} s")
 
 
+LLM_GRID_HOW_TO_RUN = [
+    "## How to run",
+    "",
+    "    make study-llm                                       # every study: 20-30 CPU-hours; rerun to resume",
+    '    make study-llm ARGS="--study llm-table2"             # one study',
+    "    make report-llm                                      # this page from the run files",
+    "",
+    "Two runners (`make study-llm` in two shells, one thread each) share the runs through their claim",
+    "markers. The recipe behind the runs is in docs/llm.md.",
+]
+
+
+def run_llm_grid(args: argparse.Namespace) -> None:
+    """`llm-grid`: train every missing run of the LLM studies; `llm-report`: write their page."""
+    from loratrf.experiments.problem_runner import ProblemRunner
+    from loratrf.experiments.report import console_table, problem_setup_lines, write_page
+    from loratrf.experiments.results import Runs, read_runs
+    from loratrf.experiments.runner import run_studies
+
+    config = training_config(args)
+    runner = ProblemRunner(config, checkpointing=getattr(args, "checkpointing", False))
+    known = llm_studies(runner.model)
+    chosen = {n: known[n] for n in args.study or known}
+    if args.command == "llm-report":
+        runs = Runs(read_runs(args.out, config))
+        page = write_page(
+            runs,
+            chosen,
+            config,
+            args.seeds,
+            args.page,
+            args.figures,
+            title="Results on a decoder LLM: LoRATRF, LoRA and DoRA on SmolLM2-135M-Instruct",
+            claims=False,
+            setup=problem_setup_lines(config, runs, args.seeds),
+            how_to_run=LLM_GRID_HOW_TO_RUN,
+        )
+        print(f"wrote {page} and its figures in {args.figures}/ from {len(runs.records)} runs in {args.out}")
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"training: {config}\nthreads: {torch.get_num_threads()}; seeds: {args.seeds}; runs in {args.out}")
+    start = time.perf_counter()
+    runs = run_studies(runner, chosen, args.seeds, args.out)
+    for name, study in chosen.items():
+        print(f"\n{name}: {study.question}\n{console_table(study, runs)}")
+    print(f"finished in {time.perf_counter() - start:.0f} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -277,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {page} and its figures in {args.figures}/ from {len(runs.records)} runs in {args.out}")
         elif args.command == "demo-llm":
             run_llm(args)
+        elif args.command in ("llm-grid", "llm-report"):
+            run_llm_grid(args)
         else:
             run(args)
     except (MissingPackage, ModelFileError, ValueError) as e:

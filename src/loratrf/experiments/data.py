@@ -113,6 +113,30 @@ TASKS: dict[str, Task] = {
         "reasoning-gym basic_arithmetic: a + b or a - b, a and b from 0 to 100",
         "problems",
     ),
+    "legs": Task(
+        "legs", ("legs",), "reasoning-gym leg_counting: the legs of 1 or 2 kinds of animal, 1 to 5 of each", "problems"
+    ),
+    "legs-hard": Task(
+        "legs-hard",
+        ("legs-hard",),
+        "reasoning-gym leg_counting: the legs of 2 or 3 kinds of animal, 1 to 10 of each",
+        "problems",
+    ),
+    "aiw": Task(
+        "aiw",
+        ("aiw",),
+        "reasoning-gym aiw ('Alice in Wonderland'): how many sisters, friends or colleagues someone in a described circle has",
+        "problems",
+    ),
+    "family": Task(
+        "family",
+        ("family",),
+        "reasoning-gym family_relationships: one word for a relation in a family of 4 to 8",
+        "problems",
+    ),
+    "gsm_symbolic": Task(
+        "gsm_symbolic", ("gsm_symbolic",), "reasoning-gym gsm_symbolic: GSM8K's templates with new numbers", "problems"
+    ),
 }
 
 

@@ -27,10 +27,10 @@ PICTURE_TOKENS = (6, 14)  # the picture's sentences: this many tokens, [CLS] and
 DIGITS = 4  # recorded gates are rounded, to keep run files small
 
 
-def picture_rows(data: Encoded) -> list[int]:
-    """Which probe sentences the picture shows: the first of a readable length, alternating
-    between the classes (in the order of the class ids), `PICTURE_SENTENCES` in all."""
-    low, high = PICTURE_TOKENS
+def picture_rows(data: Encoded, lengths: tuple[float, float] = PICTURE_TOKENS) -> list[int]:
+    """Which probe sentences the picture shows: the first whose length is within `lengths`,
+    alternating between the classes (in the order of the class ids), `PICTURE_SENTENCES` in all."""
+    low, high = lengths
     n = min(PROBE_SENTENCES, len(data))
     by_class: dict[int, list[int]] = {}
     for row in range(n):
@@ -46,9 +46,10 @@ def picture_rows(data: Encoded) -> list[int]:
 
 
 @torch.no_grad()
-def measure(model: nn.Module, data: Encoded, pad_id: int, rows: Sequence[int]) -> dict:
+def measure(model: nn.Module, data: Encoded, pad_id: int, rows: Sequence[int], cut: slice = slice(None)) -> dict:
     """`{"stats": {host: GateStats as a dict}, "picture": {host: [[s per token] per picture row]}}`
-    on the first `PROBE_SENTENCES` of `data`, in eval mode (the model's mode is restored)."""
+    on the first `PROBE_SENTENCES` of `data`, in eval mode (the model's mode is restored); the
+    picture keeps a row's tokens `cut` (all of them by default)."""
     n = min(PROBE_SENTENCES, len(data))
     input_ids, mask = pad(data.ids[:n], pad_id)
     was_training = model.training
@@ -62,7 +63,7 @@ def measure(model: nn.Module, data: Encoded, pad_id: int, rows: Sequence[int]) -
     return {
         "stats": {host: dataclasses.asdict(s) for host, s in stats.items()},
         "picture": {
-            host: [[round(v, DIGITS) for v in calls[0][row, : len(data.ids[row])].tolist()] for row in rows]
+            host: [[round(v, DIGITS) for v in calls[0][row, : len(data.ids[row])][cut].tolist()] for row in rows]
             for host, calls in gates.items()
         },
     }
@@ -75,20 +76,28 @@ def probe(
     tokens: Callable[[list[int]], list[str]],
     source: str,
     classes: Sequence[str],
+    *,
+    tail: int | None = None,
 ) -> tuple[dict, Callable[[], dict]]:
     """The gates at the start, and a function that measures them again after training: a run's
-    `"gates"`, `{"source", "sentences", "classes", "picture": {"tokens", "labels"}, "start", "trained"}`."""
-    rows = picture_rows(data)
+    `"gates"`, `{"source", "sentences", "classes", "picture": {"tokens", "labels"}, "start", "trained"}`.
+    `tail`: the picture shows the last `tail` tokens of the first sentences of any length (a
+    decoder's prompts are long; their end holds the question and the answer)."""
+    rows = picture_rows(data) if tail is None else picture_rows(data, (1, math.inf))
+    cut = slice(-tail if tail else None, None)
     record = {
         "source": source,
         "sentences": min(PROBE_SENTENCES, len(data)),
         "classes": list(classes),
-        "picture": {"tokens": [tokens(data.ids[r]) for r in rows], "labels": [int(data.labels[r]) for r in rows]},
-        "start": measure(model, data, pad_id, rows),
+        "picture": {
+            "tokens": [tokens(data.ids[r][cut]) for r in rows],
+            "labels": [int(data.labels[r]) for r in rows],
+        },
+        "start": measure(model, data, pad_id, rows, cut),
     }
 
     def after_training() -> dict:
-        record["trained"] = measure(model, data, pad_id, rows)
+        record["trained"] = measure(model, data, pad_id, rows, cut)
         return record
 
     return record, after_training

@@ -169,6 +169,11 @@ class Method:
         return self.lr if self.lr is not None else DEFAULT_LR[self.kind]
 
     @property
+    def tunable(self) -> bool:
+        """Whether a study sweeps this kind's learning rate (zero-shot trains nothing)."""
+        return self.kind in LR_SWEEP
+
+    @property
     def filters(self) -> bool:
         return self.kind in ("loratrf", "filters")
 
@@ -278,7 +283,8 @@ def prepare(
     pruning schedule) and returns the `AdaLoRA` whose hooks the training loop must call every step.
 
     `architecture="llama"`: a decoder LLM (causal_lm.py), which has no task head: `full`,
-    `zeroshot`, and loratrf's `lora`, `dora`, `loratrf` (alpha `LLAMA_ALPHA`) only."""
+    `zeroshot`, `lora`, `dora` (loratrf's or, with ':peft', PEFT's) and `loratrf`, at alpha
+    `LLAMA_ALPHA`."""
     if method.kind == "zeroshot":
         model.requires_grad_(False)
         return None
@@ -286,8 +292,10 @@ def prepare(
         if method.kind == "full":
             model.requires_grad_(True)
             return None
-        if method.kind not in ("lora", "loratrf") or method.peft:
+        if method.kind not in ("lora", "loratrf"):
             raise ValueError(f"{method}: decoder LLMs take 'zeroshot', 'full', 'lora', 'dora' and 'loratrf' specs")
+        if method.peft:
+            return peft_lora(model, method, "llama", LLAMA_ALPHA, trainable=())
         return _inject(model, method, "llama", LLAMA_ALPHA)
     if method.kind in ("full", "head", "bitfit"):
         model.requires_grad_(method.kind == "full")
@@ -302,7 +310,7 @@ def prepare(
             raise ValueError("AdaLoRA's pruning schedule needs the run's total_steps")
         return AdaLoRA(model, method, total_steps)
     if method.peft:
-        return peft_lora(model, method)
+        return peft_lora(model, method, ARCHITECTURE, ALPHA, trainable=HEAD)
     return _inject(model, method, ARCHITECTURE, ALPHA, trainable=HEAD)
 
 
@@ -326,26 +334,30 @@ def _inject(
     return config
 
 
-def peft_lora(model: nn.Module, method: Method) -> peft.LoraConfig:
-    """PEFT's LoRA (`peft.LoraModel`, injected into `model` in place) as loratrf's preset builds
-    it: the same target modules (one regex, matched whole), rank, alpha, dropout (none) and
-    initialisation (A uniform on ±1/sqrt(d_in), PEFT's kaiming default, and B = 0); the head
-    trains. Returns PEFT's config."""
+def peft_lora(
+    model: nn.Module, method: Method, architecture: str, alpha: float, trainable: tuple[str, ...]
+) -> peft.LoraConfig:
+    """PEFT's LoRA (`peft.LoraModel`, injected into `model` in place) as loratrf's preset for
+    `architecture` builds it: the same target modules (one regex, matched whole), rank, alpha,
+    dropout (none) and initialisation (A uniform on ±1/sqrt(d_in), PEFT's kaiming default, and
+    B = 0); the modules `trainable` names train too. PEFT wraps a quantized base layer
+    (bitsandbytes, torchao) in its own layer for it. Returns PEFT's config."""
     from loratrf.experiments.packages import require
 
     peft = require("peft", "peft>=0.21,<0.22")
-    targets = loratrf.presets.preset(ARCHITECTURE, method.matrices).targets[0]
+    targets = loratrf.presets.preset(architecture, method.matrices).targets[0]
     config = peft.LoraConfig(
-        r=method.rank, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=targets, use_dora=method.dora
+        r=method.rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, use_dora=method.dora
     )
     peft.LoraModel(model, config, "default")
-    unfreeze_head(model)
+    unfreeze_head(model, trainable)
     return config
 
 
-def unfreeze_head(model: nn.Module) -> None:
+def unfreeze_head(model: nn.Module, patterns: tuple[str, ...] = HEAD) -> None:
+    """Make the modules whose names `patterns` match whole trainable."""
     for name, module in model.named_modules():
-        if any(re.fullmatch(pattern, name) for pattern in HEAD):
+        if any(re.fullmatch(pattern, name) for pattern in patterns):
             module.requires_grad_(True)
 
 
@@ -418,11 +430,11 @@ class AdaLoRA:
         }
 
 
-def lora_cost(model: nn.Module, matrices: Sequence[str]) -> int:
+def lora_cost(model: nn.Module, matrices: Sequence[str], architecture: str = ARCHITECTURE) -> int:
     """LoRA parameters per unit of rank for `matrices` in every layer: `sum(in + out)` over those linears."""
     if not matrices:
         return 0
-    probe = loratrf.presets.preset(ARCHITECTURE, matrices)
+    probe = loratrf.presets.preset(architecture, matrices)
     regex = re.compile(probe.targets[0])
     return sum(
         m.in_features + m.out_features
@@ -431,9 +443,9 @@ def lora_cost(model: nn.Module, matrices: Sequence[str]) -> int:
     )
 
 
-def rank_for_budget(model: nn.Module, matrices: Sequence[str], budget: int) -> int:
+def rank_for_budget(model: nn.Module, matrices: Sequence[str], budget: int, architecture: str = ARCHITECTURE) -> int:
     """The rank whose LoRA parameter count on `matrices` is nearest to `budget` (at least 1)."""
-    cost = lora_cost(model, matrices)
+    cost = lora_cost(model, matrices, architecture)
     if cost == 0:
         raise ValueError(f"no linear layer of the model matches matrices {tuple(matrices)}")
     return max(1, round(budget / cost))

@@ -21,10 +21,14 @@ from torch import nn
 import loratrf
 from loratrf.experiments import causal_lm, decoder, problems
 from loratrf.experiments.data import TASKS
+from loratrf.experiments.gate_stats import probe
 from loratrf.experiments.methods import GATE_RANGE, prepare
 from loratrf.experiments.results import pack_bits
 from loratrf.experiments.runner import CALIBRATION_SENTENCES, RunSpec
-from loratrf.experiments.training import TrainingConfig, total_steps
+from loratrf.experiments.training import Encoded, TrainingConfig, total_steps
+
+PROBE_PROBLEMS = 64  # the gates are measured on this many test problems, at the start and after training
+PICTURE_TAIL = 16  # the gate picture shows a problem's last tokens: the end of the question and the answer
 
 
 class ProblemRunner:
@@ -102,6 +106,22 @@ class ProblemRunner:
                 token_mask=mask,
                 gate_range=GATE_RANGE if spec.method.gate == "affine" else None,
             )
+        gates = None
+        if spec.method.filters:  # on the first test problems of the task, prompt and answer
+            source = task.tests[0]
+            _, encoded = self.data(source, "test")
+            sequences = [p + a for p, a in zip(encoded.prompts[:PROBE_PROBLEMS], encoded.answers)]
+            probe_data = Encoded(sequences, torch.zeros(len(sequences), dtype=torch.long))
+            tokens = self.tokenizer.convert_ids_to_tokens
+            gates, after_training = probe(  # the decoder without its head: no [B, T, vocabulary] logits
+                model.get_decoder(),
+                probe_data,
+                self.tokenizer.pad_token_id,
+                tokens,
+                source,
+                ("problem",),
+                tail=PICTURE_TAIL,
+            )
         params = loratrf.summary(model)
         start = time.perf_counter()
         losses = causal_lm.train(
@@ -115,6 +135,8 @@ class ProblemRunner:
             checkpointing=self.checkpointing,
         )
         train_seconds = time.perf_counter() - start
+        if gates is not None:
+            gates = after_training()
         steps = total_steps(self.config, len(train_data)) if losses else 0
         seen = min(steps * self.config.batch_size, len(train_data) * self.config.epochs)
         mean_tokens = sum(len(p) + len(a) for p, a in zip(train_data.prompts, train_data.answers)) / len(train_data)
@@ -132,7 +154,7 @@ class ProblemRunner:
             "test_answers": {s: texts for s, (texts, _) in test.items()},  # as generated, decoded and stripped
             "majority": None,
             "open_gates": open_gates,  # ':cal' runs: per filter, the share of tokens with s > 0
-            "gates": None,
+            "gates": gates,  # runs with filters: gate statistics at the start and after training (gate_stats.py)
             "train_loss": losses,
             "train_sentences": len(train_data),
             "train_seconds": train_seconds,

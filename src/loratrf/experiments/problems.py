@@ -3,8 +3,9 @@ with its own exact scorer.
 
 A problem task (`data.TASKS[name]`, kind "problems") is one reasoning-gym dataset with fixed
 settings (`PROBLEMS[name]`). Its dev, train and test problems come from three fixed seeds
-(`SPLIT_SEEDS`), so they never change with the training seed; a training problem whose question
-is also a dev or test question is dropped, so the model is never tested on a problem it trained on.
+(`SPLIT_SEEDS`), so they never change with the training seed. Each question appears once in all
+three parts: a repeated question is skipped and the next one drawn, so the model is never tested
+on a problem it trained on, dev never overlaps test, and no test problem counts twice.
 An answer is right when the task's own scorer gives it full marks (`score_answer(...) == 1.0`):
 exact match after the scorer's own normalisation, and nothing for partial credit.
 """
@@ -12,7 +13,7 @@ exact match after the scorer's own normalisation, and nothing for partial credit
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from types import MappingProxyType
 
 from loratrf.experiments.packages import require
@@ -20,6 +21,7 @@ from loratrf.experiments.packages import require
 REASONING_GYM = "reasoning-gym==0.1.25"
 SPLIT_SEEDS = {"dev": 1000, "train": 2000, "test": 3000}
 TEST_SIZE = 200  # test problems when `TrainingConfig.test_size` is None (a generator has no "all")
+MAX_DRAWS = 32  # a part draws at most this many problems per distinct one it keeps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,25 @@ PROBLEMS: dict[str, ProblemSet] = {
         max_new_tokens=8,
         system="Give only the final answer.",
     ),
+    # Candidates of the LLM studies (docs/results-llm.md says which were chosen and why): word
+    # problems of counting and adding (which animal has how many legs; "Alice in Wonderland":
+    # how many sisters does Alice's brother have), a family-relation question answered in one
+    # word, and GSM8K's templates with new numbers.
+    "legs": ProblemSet(
+        "leg_counting",
+        {"min_animals": 1, "max_animals": 2, "min_instances": 1, "max_instances": 5},
+        max_new_tokens=8,
+        system="Give only the final answer.",
+    ),
+    "legs-hard": ProblemSet(
+        "leg_counting",
+        {"min_animals": 2, "max_animals": 3, "min_instances": 1, "max_instances": 10},
+        max_new_tokens=8,
+        system="Give only the final answer.",
+    ),
+    "aiw": ProblemSet("aiw", {}, max_new_tokens=8, system="Give only the final answer."),
+    "family": ProblemSet("family_relationships", {}, max_new_tokens=8, system="Give only the final answer."),
+    "gsm_symbolic": ProblemSet("gsm_symbolic", {}, max_new_tokens=8, system="Give only the final answer."),
 }
 
 
@@ -74,38 +95,40 @@ class Problems:
         return [self.scorer.score_answer(text, entry) == 1.0 for text, entry in zip(generated, self.entries)]
 
 
-def generate(name: str, part: str, size: int) -> Problems:
-    """The first `size` problems of task `name` that the seed of `part` ("dev", "train" or
-    "test") gives (reasoning-gym builds item i from seed + i, so a larger `size` only adds problems)."""
+def generate(name: str, part: str, size: int, exclude: Set[str] = frozenset()) -> Problems:
+    """The first `size` distinct problems of task `name` that the seed of `part` ("dev", "train"
+    or "test") gives, skipping questions in `exclude` and problems whose own reference answer
+    the scorer does not mark right (reasoning-gym builds item i from seed + i, so a larger `size`
+    only adds problems)."""
     if name not in PROBLEMS:
         raise ValueError(f"unknown problem task {name!r}; known: {sorted(PROBLEMS)}")
     if part not in SPLIT_SEEDS:
         raise ValueError(f"part must be one of {tuple(SPLIT_SEEDS)}, got {part!r}")
     gym = require("reasoning_gym", REASONING_GYM, "llm")
     spec = PROBLEMS[name]
-    dataset = gym.create_dataset(spec.dataset, size=size, seed=SPLIT_SEEDS[part], **spec.settings)
-    entries = tuple(dataset[i] for i in range(size))
-    return Problems(tuple(e["question"] for e in entries), tuple(str(e["answer"]) for e in entries), entries, dataset)
+    drawn = size
+    while True:
+        dataset = gym.create_dataset(spec.dataset, size=drawn, seed=SPLIT_SEEDS[part], **spec.settings)
+        seen, entries = set(exclude), []
+        for i in range(drawn):
+            entry = dataset[i]
+            if entry["question"] not in seen and dataset.score_answer(str(entry["answer"]), entry) == 1.0:
+                seen.add(entry["question"])
+                entries.append(entry)
+                if len(entries) == size:
+                    questions = tuple(e["question"] for e in entries)
+                    return Problems(questions, tuple(str(e["answer"]) for e in entries), tuple(entries), dataset)
+        if drawn >= MAX_DRAWS * size:
+            raise ValueError(
+                f"{name}: {len(entries)} of {drawn} {part} problems are new questions, fewer than {size}; ask for fewer"
+            )
+        drawn *= 2
 
 
 def splits(name: str, *, train_size: int, dev_size: int, test_size: int) -> dict[str, Problems]:
-    """Dev, train and test problems of task `name`; training problems whose question is a dev or
-    test question are dropped (more are generated, so training keeps `train_size`)."""
-    dev, test = generate(name, "dev", dev_size), generate(name, "test", test_size)
-    held_out = set(dev.questions) | set(test.questions)
-    size = train_size
-    while True:
-        candidates = generate(name, "train", size)
-        kept = [i for i, q in enumerate(candidates.questions) if q not in held_out][:train_size]
-        if len(kept) == train_size or size > 20 * train_size:
-            break
-        size *= 2
-    if len(kept) < train_size:
-        raise ValueError(f"{name}: only {len(kept)} training problems differ from dev and test; ask for fewer")
-    train = Problems(
-        tuple(candidates.questions[i] for i in kept),
-        tuple(candidates.answers[i] for i in kept),
-        tuple(candidates.entries[i] for i in kept),
-        candidates.scorer,
-    )
+    """Dev, test and train problems of task `name`, each question once in all three: the test
+    problems leave out dev's questions, the training problems both."""
+    dev = generate(name, "dev", dev_size)
+    test = generate(name, "test", test_size, exclude=set(dev.questions))
+    train = generate(name, "train", train_size, exclude=set(dev.questions) | set(test.questions))
     return {"dev": dev, "train": train, "test": test}

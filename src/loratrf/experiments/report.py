@@ -123,7 +123,7 @@ def sweep_table(study: Study, runs: Runs) -> list[str]:
     for task in dict.fromkeys(TASKS[t].train for t in study.tasks):
         for spec in study.methods:
             method = Method.parse(spec)
-            if method.lr is not None or method.peft:
+            if method.lr is not None or method.peft or not method.tunable:
                 continue
             sweep, chosen = runs.sweep(method, task), runs.rate(method, task)
             cells = []
@@ -428,15 +428,20 @@ def problem_setup_lines(config: TrainingConfig, runs: Runs, seeds: Sequence[int]
         ),
         (
             f"- problems per task: {config.train_size} training, {config.dev_size} dev, "
-            f"{TEST_SIZE if config.test_size is None else config.test_size} test (reasoning-gym, fixed seeds; training "
-            "problems never repeat a dev or test question); an answer is right when the task's own scorer gives "
+            f"{TEST_SIZE if config.test_size is None else config.test_size} test (reasoning-gym, fixed seeds; "
+            "each question once in all three parts); an answer is right when the task's own scorer gives "
             "it full marks (exact match)"
         ),
         f"- training: {config.epochs} epoch{'s' * (config.epochs != 1)}, batch {config.batch_size}, loss on the "
         f"answer tokens only, AdamW (weight decay {config.weight_decay}), linear schedule with "
         f"{100 * config.warmup_ratio:.0f}% warm-up, gradient clipping {config.max_grad_norm}"
         + (f", at most {config.max_steps} steps" if config.max_steps else ""),
-        f"- seeds: {', '.join(map(str, seeds))}; learning rates: each method's default, untuned",
+        f"- seeds: {', '.join(map(str, seeds))}; learning rates: "
+        + (
+            f"each method's swept on dev at seed {SWEEP_SEED} (`methods.LR_SWEEP`, grown past an edge its best sits on)"
+            if runs.tune
+            else "each method's default, untuned"
+        ),
     ]
     if trained:
         per_step = [r["seconds_per_step"] for r in trained]
@@ -448,10 +453,11 @@ def problem_setup_lines(config: TrainingConfig, runs: Runs, seeds: Sequence[int]
         )
     if records:
         r = records[0]
-        v, m = r["versions"], r["machine"]
+        v = r["versions"]
         load = "" if r["load_average"] is None else f", load average {r['load_average']:.1f} at the end of a run"
+        cpus = sorted({x["machine"].get("cpu", f"{x['machine']['cpus']} CPUs, model not recorded") for x in records})
         lines.append(
-            f"- software: torch {v['torch']}, transformers {v['transformers']}; machine: {m['cpus']} CPUs, "
+            f"- software: torch {v['torch']}, transformers {v['transformers']}; machine: {'; '.join(cpus)}, "
             f"{r['threads']} torch thread(s){load}"
         )
     return lines

@@ -266,6 +266,8 @@ class Runs:
         """`{rate: run or None}`, by rate: the sweep that sets `method`'s rate on `task`,
         `LR_SWEEP`'s rates grown, once they are all finished and while the best is the lowest
         or the highest, by the next rate past that edge (`past`), at most `GROWTH` times."""
+        if not method.tunable:
+            return {}
         tuned, source = method.tuned_as, sweep_task(task)
         found = {lr: self.get(tuned, source, SWEEP_SEED, lr) for lr in LR_SWEEP[method.kind]}
         for _ in range(GROWTH):
@@ -292,7 +294,7 @@ class Runs:
     def rate(self, method: Method, task: str) -> float | None:
         """The rate `method` runs at on `task`: fixed, default (untuned), or chosen by its
         finished sweep (None until then)."""
-        if method.lr is not None or not self.tune:
+        if method.lr is not None or not self.tune or not method.tunable:
             return method.learning_rate
         sweep = self.sweep(method, task)
         if any(run is None for run in sweep.values()):

@@ -166,6 +166,19 @@ class Runner:
         }
 
 
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo, as `lscpu` shows it), with the number of CPUs."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} ({os.cpu_count()} CPUs)"
+
+
 def environment() -> dict:
     """Versions and machine, stored in every run file."""
     versions = {"python": platform.python_version(), "torch": torch.__version__}
@@ -176,7 +189,12 @@ def environment() -> dict:
             versions[package] = None
     return {
         "versions": versions,
-        "machine": {"platform": platform.machine(), "cpus": os.cpu_count(), "host": socket.gethostname()},
+        "machine": {
+            "platform": platform.machine(),
+            "cpus": os.cpu_count(),
+            "cpu": cpu_model(),
+            "host": socket.gethostname(),
+        },
         "command": " ".join(["python -m loratrf.experiments", *sys.argv[1:]]),
     }
 
@@ -246,7 +264,7 @@ def seed_runs(study: Study, seeds: Sequence[int], runs: Runs) -> tuple[list[RunS
     """Every seed of every method and task at its rate, seed by seed; and the `(method, task,
     seed)` that wait for a sweep that is not finished (another process holds part of it)."""
     found, waiting = [], []
-    for seed in seeds:
+    for seed in seeds if study.seeds is None else [s for s in seeds if s in study.seeds]:
         for task in study.tasks:
             for spec in study.methods:
                 method = Method.parse(spec)
