@@ -48,11 +48,11 @@ from torch import nn
 import loratrf
 from cases import ALPHA, installed, version
 from quantized import PROJECTIONS, SMOLLM2
+from quantized import TARGETS as ALL7  # LoRA on all seven projections
 from timing import Timing, cpu_model, interleaved, quartiles
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- llm.py: begin -->", "<!-- llm.py: end -->"
-ALL7 = rf".*\.({'|'.join(PROJECTIONS)})"
 OUD = r".*\.(o_proj|up_proj|down_proj)"
 LAYERS = r"model\.layers\.\d+"
 FLOOR = "floor: rank-1 LoRA on layer 0's q_proj"

@@ -147,11 +147,8 @@ class LoRALinear(LoRALayer):
             return self.base_forward(x)
         if self.merged:
             return merged_output(self.base_forward(x), self.training, parts.lora.U)
-        if parts.dora:
-            return self._dora_forward(x, self.base_forward(x), parts)
-        if quantized.is_quantized(self.weight):  # the quantized base's own map, the update on the plain path
-            xd = F.dropout(x, parts.dropout) if parts.dropout and self.training else x
-            return parts.lora(xd, residual=self.base_forward(x))
+        if parts.dora or quantized.is_quantized(self.weight):  # a quantized base's own map, the update plain
+            return self._adapted(x, self.base_forward(x), parts)
         lora = parts.lora
         dropout = parts.dropout if self.training else 0.0
         return kernels.lora_linear(

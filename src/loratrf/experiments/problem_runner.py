@@ -85,15 +85,15 @@ class ProblemRunner:
         task = TASKS[spec.task]
         if task.kind != "problems":
             raise ValueError(f"task {spec.task!r} is {task.kind}, not problems; runner.Runner trains it")
+        if spec.method.start == "con":
+            raise ValueError(
+                f"{spec.method}: ':con' needs classes; problems have none (':cal' sets the mean direction)"
+            )
         _, train_data = self.data(task.train, "train")
         torch.manual_seed(spec.seed)  # adapter and task-vector initialisation
         model = copy.deepcopy(self.model)
         prepare(model, spec.method, total_steps=total_steps(self.config, len(train_data)), architecture="llama")
         open_gates = None
-        if spec.method.start == "con":
-            raise ValueError(
-                f"{spec.method}: ':con' needs classes; problems have none (':cal' sets the mean direction)"
-            )
         if spec.method.start == "cal":  # task vectors at the mean direction of the first training problems' tokens
             rows = slice(0, CALIBRATION_SENTENCES)
             sequences = [p + a for p, a in zip(train_data.prompts[rows], train_data.answers[rows])]
