@@ -1,6 +1,6 @@
 """SmolLM2-135M (LLaMA architecture): the fine-tuning step and greedy decoding, loratrf beside PEFT.
 
-    python benchmarks/llm.py                      # the full run (a few minutes on 2 cores)
+    python benchmarks/llm.py                      # the full run (about 30 minutes on 2 cores, 12 of them compiling)
     python benchmarks/llm.py --quick --out /tmp/llm.md   # 2 small layers, 2 rounds: checks that it runs
 
 The model is SmolLM2-135M-Instruct in float32 (`loratrf.experiments.decoder`, from its pip
@@ -17,7 +17,10 @@ round, the order rotating, ratios taken within a round; median and p25–p75 ove
 - **peak memory of that step** beside PEFT's, with and without gradient checkpointing (a fresh
   process per case: the most resident memory two steps add over what is held between steps);
 - **greedy decoding with the KV cache** at batch 1 and 16: a 16-token prompt, then 32 new tokens,
-  one forward per token on the model itself (`logits_to_keep=1`), against the base model.
+  one forward per token on the model itself (`logits_to_keep=1`), against the base model; and
+  what one filter call costs inside that decoding at batch 1, beside one elementwise op;
+- **compiled decoding**: the same at batch 1 with `torch.compile(model, dynamic=True)`, against
+  the compiled base model, with the time to compile and a check of the tokens.
 
 The section it writes goes at the top of `--out` (docs/benchmarks.md, which `benchmarks/run.py`
 writes first), replacing an earlier one.
@@ -40,6 +43,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 import transformers
@@ -47,6 +51,7 @@ from torch import nn
 
 import loratrf
 from cases import ALPHA, installed, version
+from loratrf.filter import FilterDispatch
 from quantized import PROJECTIONS, SMOLLM2
 from quantized import TARGETS as ALL7  # LoRA on all seven projections
 from timing import Timing, cpu_model, interleaved, quartiles
@@ -59,6 +64,9 @@ FLOOR = "floor: rank-1 LoRA on layer 0's q_proj"
 LORA7, OUD_NAME, TRF = "loratrf LoRA-7", "loratrf LoRA o,up,down", "loratrf LoRATRF o,up,down + filters"
 PEFT7, PEFT_OUD = "PEFT LoRA-7", "PEFT LoRA o,up,down"
 CACHED = ", cached effective weights"
+MERGED = ", LoRA merged (filters run)"
+COMPILED_METHODS = ("base model", LORA7 + " unmerged", TRF + ", unmerged", TRF + MERGED)
+EAGER_BASE = "base model, eager (not compiled)"
 RANK = 8
 
 
@@ -177,7 +185,8 @@ def filter_share(base: nn.Module, sizes: Sizes, rounds: int) -> Timing:
 
 
 def greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """`new_tokens` tokens by greedy decoding with a KV cache (one forward per token)."""
+    """`new_tokens` tokens by greedy decoding with a KV cache (one forward per token); `model`
+    may be a compiled model."""
     cache = transformers.DynamicCache(config=model.config)
     out, tokens = ids, []
     with torch.no_grad():
@@ -200,7 +209,8 @@ def decoding_models(base: nn.Module) -> dict[str, nn.Module]:
     if installed("peft"):
         found[PEFT7 + " unmerged"] = peft_model(base, PROJECTIONS)
     found |= {TRF + ", unmerged": trf, TRF + ", unmerged" + CACHED: copy.deepcopy(trf)}
-    found[TRF + ", LoRA merged (filters run)"] = merged
+    found[TRF + MERGED] = merged
+    found[TRF + MERGED + CACHED] = copy.deepcopy(merged)  # the filters' [U | t]ᵀ and |t| cached
     return found
 
 
@@ -215,6 +225,68 @@ def forming_time(model: nn.Module, vocab: int) -> float:
             model(input_ids=ids)
             times.append(time.perf_counter() - start)
     return 1e3 * (times[0] - times[1])
+
+
+def filter_call_cost(model: nn.Module, sizes: Sizes, vocab: int, clock: str) -> dict[str, tuple[float, ...]]:
+    """Microseconds per filter call inside batch-1 decoding of `model` (merged LoRATRF), per
+    round: decoding with every filter's work replaced by one elementwise op (`h + 0`) and as it
+    is, each less decoding with the filters replaced by the identity, over the number of calls."""
+    ids = torch.randint(0, vocab, (1, sizes.prompt), generator=torch.Generator().manual_seed(2))
+    stand_ins = {
+        "identity": lambda dispatch, host, h: h,
+        "one elementwise op": lambda dispatch, host, h: h + 0,
+        "the filter": FilterDispatch.filter,
+    }
+
+    def decode(stand_in: Callable) -> None:
+        with mock.patch.object(FilterDispatch, "filter", stand_in):
+            greedy(model, ids, sizes.new_tokens)
+
+    runs = {name: (lambda f=f: decode(f)) for name, f in stand_ins.items()}
+    timings = interleaved(runs, "identity", 2 * sizes.decode_rounds + 1, warmup=1, clock=clock)
+    calls = sizes.new_tokens * sum(isinstance(m, loratrf.TaskAwareFilter) for m in model.modules())
+    idle = timings["identity"].times
+    return {
+        name: tuple(1e6 * (t - i) / calls for t, i in zip(timings[name].times, idle)) for name in list(stand_ins)[1:]
+    }
+
+
+@dataclass
+class Compiled:
+    """Greedy decoding of `torch.compile`d models at batch 1: each method's seconds to compile
+    (its first run, less an eager run), whether it gave the eager model's tokens, and the timings
+    against the compiled base model (the eager base model beside it)."""
+
+    seconds: dict[str, float]
+    same_tokens: dict[str, bool]
+    timings: dict[str, Timing]
+
+
+def compiled_decoding(base: nn.Module, sizes: Sizes, vocab: int, clock: str) -> Compiled:
+    """The decode step as users compile it: `torch.compile(model, dynamic=True)` (inductor; the
+    cache grows every step), for the base model and loratrf's LoRA-7 and LoRATRF methods. The
+    models share their Python code, so each adds compiled entries to the same code objects:
+    torch's limit of 8 is raised, and reaching it raises instead of running eagerly."""
+    models = {name: m for name, m in decoding_models(base).items() if name in COMPILED_METHODS}
+    ids = torch.randint(0, vocab, (1, sizes.prompt), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
+        return _compiled_runs(models, ids, sizes, clock)
+
+
+def _compiled_runs(models: dict[str, nn.Module], ids: torch.Tensor, sizes: Sizes, clock: str) -> Compiled:
+    seconds, same, runs = {}, {}, {EAGER_BASE: lambda m=models["base model"]: greedy(m, ids, sizes.new_tokens)}
+    for name, model in models.items():
+        start = time.perf_counter()
+        want = greedy(model, ids, sizes.new_tokens)
+        eager_s = time.perf_counter() - start
+        fast = torch.compile(model, dynamic=True)
+        start = time.perf_counter()
+        got = greedy(fast, ids, sizes.new_tokens)
+        seconds[name], same[name] = time.perf_counter() - start - eager_s, torch.equal(got, want)
+        runs[name] = lambda fast=fast: greedy(fast, ids, sizes.new_tokens)
+        print(f"compiled {name} in {seconds[name]:.0f} s, same tokens: {same[name]}", file=sys.stderr)
+    return Compiled(seconds, same, interleaved(runs, "base model", sizes.decode_rounds, warmup=1, clock=clock))
 
 
 # --- FLOP limits --------------------------------------------------------------------------------
@@ -312,6 +384,8 @@ def report(
     memory: dict[tuple[str, bool], float],
     decode: dict[int, dict[str, Timing]],
     form_ms: float,
+    per_filter_call: dict[str, tuple[float, ...]],
+    compiled: Compiled | None,
     load: tuple[float, float],
 ) -> list[str]:
     libs = ", ".join(f"{p} {version(p)}" if installed(p) else f"{p} not installed" for p in ("transformers", "peft"))
@@ -422,13 +496,23 @@ def report(
         merged_limit = 1 + trf_limit - oud_limit
         limits = f"LoRA-7 {lora_limit:.3f}x, LoRATRF unmerged {trf_limit:.3f}x, merged {merged_limit:.3f}x"
         lines += ["", f"FLOP limits: {limits}.", ""]
+        if per_filter_call:
+            rounds = len(per_filter_call["the filter"])
+            lines += [
+                "Per filter call inside batch-1 decoding of the merged LoRATRF model, the time over decoding with "
+                f"every filter replaced by the identity ({rounds} interleaved rounds, median and p25–p75, µs): the "
+                f"filter {spread(per_filter_call['the filter'], '{:.0f}')}; one elementwise op in its place (`h + 0`) "
+                f"{spread(per_filter_call['one elementwise op'], '{:.0f}')}.",
+                "",
+            ]
         for b in batches:
             for name, bound, limit in (
                 (LORA7 + " unmerged", 1.15, lora_limit),
                 (LORA7 + " unmerged" + CACHED, 1.15, lora_limit),
                 (TRF + ", unmerged", 1.15, trf_limit),
                 (TRF + ", unmerged" + CACHED, 1.15, trf_limit),
-                (TRF + ", LoRA merged (filters run)", 1.05, merged_limit),
+                (TRF + MERGED, 1.05, merged_limit),
+                (TRF + MERGED + CACHED, 1.05, merged_limit),
             ):
                 t = decode[b][name]
                 peft = decode[b].get(PEFT7 + " unmerged")
@@ -438,7 +522,37 @@ def report(
                     f"({t.ratio_iqr[0]:.3f}–{t.ratio_iqr[1]:.3f}){beside} | {limit:.3f}x | "
                     f"{'yes' if t.ratio <= bound else 'no'} |"
                 )
+    if compiled:
+        section, met = compiled_section(compiled, sizes)
+        lines += section
+        goals += met
     return lines + goals + ["", END, ""]
+
+
+def compiled_section(compiled: Compiled, sizes: Sizes) -> tuple[list[str], list[str]]:
+    """The compiled decoding table, and its rows of the goals table."""
+    lines = [
+        f"### Greedy decoding, compiled: `torch.compile(model, dynamic=True)` (inductor), batch 1, a {sizes.prompt}-"
+        f"token prompt, {sizes.new_tokens} new tokens, {sizes.decode_rounds} interleaved rounds",
+        "",
+        "Baseline: the compiled base model. Compiling: the first compiled run, less an eager run of the same model.",
+        "",
+        "| method | time | vs compiled base | p25–p75 | compiling | the eager model's tokens |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, t in compiled.timings.items():
+        made = f"{compiled.seconds[name]:.0f} s" if name in compiled.seconds else ""
+        same = {True: "yes", False: "no", None: ""}[compiled.same_tokens.get(name)]
+        lines.append(f"| {name} | {1e3 * t.median:.0f} ms | {ratio_cell(t)} | {made} | {same} |")
+    lines.append("")
+    goals = []
+    for name, bound in ((LORA7 + " unmerged", 1.15), (TRF + ", unmerged", 1.15), (TRF + MERGED, 1.05)):
+        t = compiled.timings[name]
+        goals.append(
+            f"| decoding compiled, batch 1: {name} <= {bound}x the compiled base | {t.ratio:.3f}x "
+            f"({t.ratio_iqr[0]:.3f}–{t.ratio_iqr[1]:.3f}) | | {'yes' if t.ratio <= bound else 'no'} |"
+        )
+    return lines, goals
 
 
 def insert(section: list[str], path: Path) -> None:
@@ -460,7 +574,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decode-rounds", type=int)
     parser.add_argument("--decode-batches", type=int, nargs="*", help="decoding batch sizes (default 1 16)")
     parser.add_argument("--new-tokens", type=int, help="tokens generated per decoding run (default 32)")
-    parser.add_argument("--only", nargs="*", choices=["train", "memory", "decode"], help="run only these parts")
+    parser.add_argument(
+        "--only", nargs="*", choices=["train", "memory", "decode", "compile"], help="run only these parts"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--notes", default="", help="a paragraph to put below the section's heading")
     parser.add_argument("--peak", help=argparse.SUPPRESS)  # internal: one peak-memory case, in this process
@@ -476,16 +592,19 @@ def main(argv: list[str] | None = None) -> None:
     sizes.decode_rounds = args.decode_rounds or sizes.decode_rounds
     sizes.decode_batches = tuple(args.decode_batches or sizes.decode_batches)
     sizes.new_tokens = args.new_tokens or sizes.new_tokens
-    parts = set(args.only or ["train", "memory", "decode"])
+    parts = set(args.only or ["train", "memory", "decode", "compile"])
     load_start = os.getloadavg()[0]
     base, model_name = base_model(sizes)
     config = base.config
     vocab = config.vocab_size
-    train, memory, decode, form_ms, share = {}, {}, {}, float("nan"), None
+    train, memory, decode, form_ms, share, per_call, compiled = {}, {}, {}, float("nan"), None, {}, None
 
     def write() -> None:  # after each part, so that an interrupted run keeps what it measured
         load = (load_start, os.getloadavg()[0])
-        found = report(model_name, config, sizes, args.threads, args.clock, train, share, memory, decode, form_ms, load)
+        found = report(
+            model_name, config, sizes, args.threads, args.clock, train, share, memory, decode, form_ms, per_call,
+            compiled, load,
+        )  # fmt: skip
         insert(found[:3] + ([args.notes, ""] if args.notes else []) + found[3:], args.out)
 
     if "train" in parts:
@@ -516,6 +635,11 @@ def main(argv: list[str] | None = None) -> None:
                 ratios = ", ".join(f"{name}: {t.ratio:.3f}x" for name, t in decode[b].items())
                 print(f"decoding at batch {b} done: {ratios}", file=sys.stderr)
                 write()
+        per_call = filter_call_cost(models[TRF + MERGED], sizes, vocab, args.clock)
+        del models
+        write()
+    if "compile" in parts:
+        compiled = compiled_decoding(base, sizes, vocab, args.clock)
     write()
     print(f"wrote {args.out}", file=sys.stderr)
 

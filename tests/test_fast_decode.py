@@ -1,6 +1,7 @@
-"""`loratrf.cache_effective_weights`: the cached effective weight equals the plain formula, and is
-never stale (optimizer steps, in-place edits, set_adapter, use_adapters, load_adapter, merge,
-unmerge, replaced parameters), in eval and train mode, with and without gradients."""
+"""`loratrf.cache_effective_weights`: the cached effective weight (a filter's `[U | t]ᵀ` and `|t|`)
+equals the plain formula, and is never stale (optimizer steps, in-place edits, set_adapter,
+use_adapters, load_adapter, merge, unmerge, replaced parameters), in eval and train mode, with and
+without gradients."""
 
 import copy
 
@@ -9,10 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from models import FILTERS, TARGETS, Net, randomise_adapters
-from reference import lora_reference
+from reference import filter_reference, lora_reference
 
 import loratrf
-from loratrf import LoRALinear, kernels
+from loratrf import LoRALinear, TaskAwareFilter, kernels
 
 
 def layer(in_f, out_f, rank, bias, fan_in_fan_out=False, seed=0):
@@ -64,15 +65,15 @@ def test_the_cache_is_formed_once_per_version_and_freed_when_the_block_ends():
     x = torch.randn(3, 6, dtype=torch.float64)
     with torch.no_grad(), loratrf.cache_effective_weights(lay):
         lay(x)
-        cached = lay.weight_cache._weight
+        cached = lay.weight_cache.value
         lay(x)
-        assert lay.weight_cache._weight is cached  # reused, not formed again
+        assert lay.weight_cache.value is cached  # reused, not formed again
         with loratrf.cache_effective_weights(lay):  # nested: the same cache
-            assert lay.weight_cache._weight is cached
-        assert lay.weight_cache._weight is cached
+            assert lay.weight_cache.value is cached
+        assert lay.weight_cache.value is cached
         lay.lora.V.add_(1.0)  # an in-place write bumps V's version
         torch.testing.assert_close(lay(x), formula(lay, x), rtol=1e-12, atol=1e-12)
-        assert lay.weight_cache._weight is not cached
+        assert lay.weight_cache.value is not cached
     assert lay.weight_cache is None
 
 
@@ -94,10 +95,59 @@ def test_dropout_in_training_takes_the_plain_path_inside_the_block():
     x = torch.randn(64, 6, dtype=torch.float64)
     with torch.no_grad(), loratrf.cache_effective_weights(lay):
         lay(x)
-        assert lay.weight_cache._weight is None  # dropout is active: nothing cached
+        assert lay.weight_cache.value is None  # dropout is active: nothing cached
         lay.eval()
         torch.testing.assert_close(lay(x), formula(lay, x), rtol=1e-12, atol=1e-12)
-        assert lay.weight_cache._weight is not None  # eval: no dropout, the cache runs
+        assert lay.weight_cache.value is not None  # eval: no dropout, the cache runs
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.integers(1, 12),
+    st.integers(1, 4),
+    st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    st.sampled_from(["cosine", "dot"]),
+    st.booleans(),
+)
+def test_a_cached_filter_equals_the_formula_and_its_own_forward(dim, rank, lead, similarity, training):
+    torch.manual_seed(dim * 10 + rank)
+    f = TaskAwareFilter(dim, rank, 2.0 * rank, similarity=similarity, dtype=torch.float64).train(training)
+    with torch.no_grad():
+        f.transform.V.normal_()
+    h = torch.randn(*lead, dim, dtype=torch.float64) + 2 * f.task_vector.detach()  # most gates open
+    with torch.no_grad():
+        plain = f(h)
+        with loratrf.cache_effective_weights(f):
+            got, again = f(h), f(h)
+    T = f.transform
+    want = filter_reference(h, f.task_vector, T.U, T.V, T.scale, similarity)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got, plain) and torch.equal(got, again)  # the same kernels, bit for bit
+
+
+def test_a_filters_cache_is_formed_once_per_version_of_u_and_t():
+    f = TaskAwareFilter(6, 2, 4.0, dtype=torch.float64)
+    with torch.no_grad():
+        f.transform.V.normal_()
+    h = torch.randn(3, 6, dtype=torch.float64) + 2 * f.task_vector.detach()
+
+    def formula():
+        return filter_reference(h, f.task_vector, f.transform.U, f.transform.V, f.transform.scale)
+
+    with torch.no_grad(), loratrf.cache_effective_weights(f):
+        f(h)
+        packed = f.weight_cache.value
+        f(h)
+        assert f.weight_cache.value is packed  # reused
+        f.task_vector.mul_(-1.0)  # every gate shuts: the output is h itself
+        torch.testing.assert_close(f(h), h, rtol=0, atol=0)
+        assert f.weight_cache.value is not packed
+        f.task_vector.mul_(-1.0)
+        f.transform.U.add_(0.5)
+        torch.testing.assert_close(f(h), formula(), rtol=1e-12, atol=1e-12)
+        f.transform.U = torch.nn.Parameter(torch.randn_like(f.transform.U))  # a new tensor, version 0
+        torch.testing.assert_close(f(h), formula(), rtol=1e-12, atol=1e-12)
+    assert f.weight_cache is None
 
 
 @pytest.fixture
@@ -190,9 +240,11 @@ def test_merge_and_unmerge_inside_the_block(net):
 
 def test_a_replaced_parameter_is_seen(net):
     lay = next(m for m in net.modules() if isinstance(m, LoRALinear))
+    task_filter = next(m for m in net.modules() if isinstance(m, TaskAwareFilter))
     with loratrf.cache_effective_weights(net):
         cached(net, IDS)
         lay.lora.V = torch.nn.Parameter(torch.randn_like(lay.lora.V))  # a new tensor, version 0
+        task_filter.task_vector = torch.nn.Parameter(torch.randn_like(task_filter.task_vector))
         got = cached(net, IDS)
     torch.testing.assert_close(got, uncached(net, IDS), rtol=1e-10, atol=1e-10)
 

@@ -21,6 +21,7 @@ from loratrf.kernels import (
     layout,
     lora_linear,
     mm_t,
+    pack_task,
     rows,
     task_filter,
     use_kernels,
@@ -485,7 +486,7 @@ def test_filter_function_gradcheck(cosine):
         q = (h @ t) / (h.norm(dim=-1) * t.norm()) if cosine else h @ t
     assert ((q - 0).abs().min() > 1e-3) and ((q - 1).abs().min() > 1e-3)  # away from the clamp's kinks
     assert ((q > 0) & (q < 1)).any() and ((q < 0) | (q > 1)).any()  # both sides of the clamp
-    fn = lambda h, t, U, V: TaskFilterFunction.apply(h, t, U, V, 1.5, cosine, 1e-8)
+    fn = lambda h, t, U, V: TaskFilterFunction.apply(h, t, U, V, *pack_task(U, t), 1.5, cosine, 1e-8)
     torch.autograd.gradcheck(fn, (h, t, U, V))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,9 @@ from loratrf.config import (
 from loratrf.errors import FilterOutputError
 from loratrf.low_rank import LowRankTransform
 from loratrf.rows import AdapterRows
+
+if TYPE_CHECKING:
+    from loratrf.versioned import Derived
 
 
 class TaskAwareFilter(nn.Module):
@@ -47,6 +51,7 @@ class TaskAwareFilter(nn.Module):
     """
 
     base_parameter_names: tuple[str, ...] = ()
+    weight_cache: Derived[tuple[Tensor, Tensor]] | None = None  # `[U | t]ᵀ`, `|t|`: inside `cache_effective_weights`
 
     def __init__(
         self,
@@ -143,7 +148,9 @@ class TaskAwareFilter(nn.Module):
             )
         T = self.transform
         cosine = self.similarity == "cosine"
-        return kernels.task_filter(h, self.task_vector, T.U, T.V, T.scale, cosine, self.eps, self._affine())
+        return kernels.task_filter(
+            h, self.task_vector, T.U, T.V, T.scale, cosine, self.eps, self._affine(), self.weight_cache
+        )
 
     def extra_repr(self) -> str:
         gate = "" if self.gate == "paper" else f", gate={self.gate!r}"

@@ -17,8 +17,8 @@ compute each rank-`r` product once, and (LoRA, when the activations outweigh the
 `scale · B A` into an effective weight for the two large products. Everything else runs the
 plain formula through autograd. Without gradients to compute, the Functions' forward runs
 alone (the same code) and saves nothing. Inside `loratrf.cache_effective_weights`, an unmerged
-LoRA layer that records no gradient runs `base_linear` on its cached `W0 + scale · B A`
-(`loratrf.weight_cache`).
+LoRA layer that records no gradient runs `base_linear` on its cached `W0 + scale · B A`, and a
+filter takes the `[U | t]ᵀ` and `|t|` of its one product from its cache (`loratrf.weight_cache`).
 
 **The kernels.** A rank-`r` product (`project`, the reductions over rows in backward,
 `expand`) has two implementations: ATen's (`F.linear` / `addmm`, MKL on CPU) and oneDNN's
@@ -48,7 +48,7 @@ from loratrf import quantized
 from loratrf._torch_internals import in_dispatch_mode, onednn_linear, unviewed
 
 if TYPE_CHECKING:
-    from loratrf.weight_cache import EffectiveWeight
+    from loratrf.versioned import Derived
 
 FAST_DTYPES = (torch.float32, torch.float64)
 
@@ -74,8 +74,11 @@ FEW_ROWS = 32
 def fast_path_applies(first: Tensor, *others: Tensor | None) -> bool:
     """True when all tensors share one float32/float64 dtype and autocast is off."""
     dtype = first.dtype
-    if dtype not in FAST_DTYPES or any(t is not None and t.dtype is not dtype for t in others):
+    if dtype not in FAST_DTYPES:
         return False
+    for t in others:  # a loop, not any(...): this runs on every adapter call of a decoding step
+        if t is not None and t.dtype is not dtype:
+            return False
     device = first.device.type
     return not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device))
 
@@ -105,7 +108,7 @@ def lora_linear(
     dropout: float = 0.0,
     fused: bool | None = None,
     fuse: bool | None = None,
-    cache: EffectiveWeight | None = None,
+    cache: Derived[Tensor] | None = None,
 ) -> Tensor:
     """`base_linear(x) + scale · (dropout(x) U) V`.
 
@@ -118,7 +121,8 @@ def lora_linear(
     if fused is None:
         fused = lora_fast_path_applies(x, weight, bias, U, V, dropout)
     if fused and cache is not None and not records_grad(x, U, V) and not torch.compiler.is_compiling():
-        return base_linear(x, cache.get(weight, U, V, scale, fan_in_fan_out), bias, fan_in_fan_out)
+        form = lambda: effective_weight(weight, U, V, U.T.contiguous(), scale, fan_in_fan_out)  # noqa: E731
+        return base_linear(x, cache.get(form, weight, U, V, key=(scale, fan_in_fan_out)), bias, fan_in_fan_out)
     if not fused:
         out = base_linear(x, weight, bias, fan_in_fan_out)
         if dropout:
@@ -142,21 +146,39 @@ def task_filter(
     cosine: bool,
     eps: float,
     affine: tuple[Tensor, Tensor] | None = None,
+    cache: Derived[tuple[Tensor, Tensor]] | None = None,
 ) -> Tensor:
     """The filter `h + scale · (s ⊙ (h U)) V` with `s = relevance(h, t, affine)`: through
     `TaskFilterFunction` where `fast_path_applies` (the paper's gate, `affine=None`; its
     forward alone when nothing needs a gradient), else the plain formula. Shapes: `h [..., d]`,
-    `t [d]`, `U [d, r]`, `V [r, d]`; `affine` the scalars `(a, b)`."""
+    `t [d]`, `U [d, r]`, `V [r, d]`; `affine` the scalars `(a, b)`. With a `cache`
+    (`loratrf.cache_effective_weights`), a call that records no gradient takes `pack_task`'s
+    `[U | t]ᵀ` and `|t|` from it, formed once per version of `U` and `t` (eager only)."""
     if affine is None and fast_path_applies(h, t, U, V):
         if records_grad(h, t, U, V):
-            return TaskFilterFunction.apply(h, t, U, V, scale, cosine, eps)
-        return unviewed(_filter_forward(rows(h), t, U, V, scale, cosine, eps)[0], h.shape)
+            return TaskFilterFunction.apply(h, t, U, V, *pack_task(U, t), scale, cosine, eps)
+        if cache is None or torch.compiler.is_compiling():
+            M, t_norm = pack_task(U, t)
+        else:
+            M, t_norm = cache.get(lambda: pack_task(U, t), U, t)
+        return unviewed(_filter_forward(rows(h), M, t_norm, V, scale, cosine, eps)[0], h.shape)
     return low_rank(h, U, V, scale, gate=relevance(h, t, cosine, eps, affine).unsqueeze(-1), residual=h)
+
+
+def pack_task(U: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """`M = [U | t]ᵀ [r + 1, d]` (so that one product gives `h U` and `h·t`) and `|t|` (0-dim),
+    outside autograd: `TaskFilterFunction` returns their gradients through `U` and `t`."""
+    U, t = U.detach(), t.detach()
+    return torch.cat([U.T, t.unsqueeze(0)]), torch.linalg.vector_norm(t)
 
 
 def records_grad(*tensors: Tensor) -> bool:
     """Whether autograd records an op on `tensors` (grad mode on and one of them requires grad)."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if torch.is_grad_enabled():
+        for t in tensors:  # a loop, as in `fast_path_applies`
+            if t.requires_grad:
+                return True
+    return False
 
 
 def fuse_effective_weight(n_rows: int, d_in: int, d_out: int) -> bool:
@@ -234,14 +256,13 @@ def low_rank(
     return unviewed(expand(residual.reshape(-1, d_out), z2, v, scale), residual.shape)
 
 
-def score(c: Tensor, n: Tensor | None, t: Tensor, cosine: bool, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The unclamped relevance `q`, its denominator and `|t|`, from `c = h·t` and `n = |h|`
-    (`n` is unused for the dot product, whose denominator is 1)."""
+def score(c: Tensor, n: Tensor | None, t_norm: Tensor | None, cosine: bool, eps: float) -> tuple[Tensor, Tensor]:
+    """The unclamped relevance `q` and its denominator, from `c = h·t`, `n = |h|` and `|t|`
+    (both unused for the dot product, whose denominator is 1)."""
     if not cosine:
-        return c, c.new_ones(()), c.new_ones(())
-    t_norm = torch.linalg.vector_norm(t)
-    denom = (n * t_norm).clamp_min(eps)
-    return c / denom, denom, t_norm
+        return c, c.new_ones(())
+    denom = (n * t_norm).clamp_min_(eps)
+    return c / denom, denom
 
 
 def similarity(h: Tensor, t: Tensor, cosine: bool, eps: float) -> Tensor:
@@ -249,8 +270,9 @@ def similarity(h: Tensor, t: Tensor, cosine: bool, eps: float) -> Tensor:
     token gets 0."""
     dtype = torch.promote_types(h.dtype, torch.float32)
     h, t = h.to(dtype), t.to(dtype)
-    n = torch.linalg.vector_norm(h, dim=-1) if cosine else None
-    return score(h @ t, n, t, cosine, eps)[0]
+    if not cosine:
+        return h @ t
+    return score(h @ t, torch.linalg.vector_norm(h, dim=-1), torch.linalg.vector_norm(t), cosine, eps)[0]
 
 
 def relevance(h: Tensor, t: Tensor, cosine: bool, eps: float, affine: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -496,41 +518,42 @@ class LoRALinearFunction(torch.autograd.Function):
 
 
 def _filter_forward(
-    h2: Tensor, t: Tensor, U: Tensor, V: Tensor, scale: float, cosine: bool, eps: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """`out = h + scale · (s ⊙ (h U)) V` on rows `h2 [N, d]`; also `M = [U | t]ᵀ [r + 1, d]`,
-    `P = h M [N, r + 1]` and `|h| [N]` (None for the dot product), what backward needs."""
-    r = U.shape[1]
-    M = torch.cat([U.T, t.unsqueeze(0)])  # [r + 1, d]
+    h2: Tensor, M: Tensor, t_norm: Tensor, V: Tensor, scale: float, cosine: bool, eps: float
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """`out = h + scale · (s ⊙ (h U)) V` on rows `h2 [N, d]`, with `M = [U | t]ᵀ [r + 1, d]` and
+    `|t|` from `pack_task`; also `P = h M [N, r + 1]` and `|h| [N]` (None for the dot
+    product), what backward needs."""
+    r = V.shape[0]
     P = project(h2, M)  # [N, r + 1]: h U | h·t
     n = torch.linalg.vector_norm(h2, dim=-1) if cosine else None
-    s = score(P.select(1, r), n, t, cosine, eps)[0].clamp(0.0, 1.0)
-    return expand(h2, P.narrow(1, 0, r) * s.unsqueeze(-1), V, scale), M, P, n
+    s = score(P.select(1, r), n, t_norm, cosine, eps)[0].clamp(0.0, 1.0)
+    return expand(h2, P.narrow(1, 0, r) * s.unsqueeze(-1), V, scale), P, n
 
 
 class TaskFilterFunction(torch.autograd.Function):
     """`out = h + scale · (s ⊙ (h U)) V` with `s = clamp(q, 0, 1)` from `score`.
 
     One product `P = h [U | t]` gives `h U` and `h·t`; `|h|` is one reduction. Saves `h` and
-    the `[N, r + 2]` tensors `P`, `|h|`; everything else is recomputed from them.
+    the `[N, r + 2]` tensors `P`, `|h|`; everything else is recomputed from them. `M` and `|t|`
+    (`pack_task`) come in formed; their gradients leave through `U` and `t`.
     """
 
     @staticmethod
-    def forward(ctx, h, t, U, V, scale: float, cosine: bool, eps: float):
+    def forward(ctx, h, t, U, V, M, t_norm, scale: float, cosine: bool, eps: float):
         h2 = rows(h)
-        out, M, P, n = _filter_forward(h2, t, U, V, scale, cosine, eps)
-        ctx.save_for_backward(h2, t, M, V, P, n)
+        out, P, n = _filter_forward(h2, M, t_norm, V, scale, cosine, eps)
+        ctx.save_for_backward(h2, t, M, t_norm, V, P, n)
         ctx.scale, ctx.cosine, ctx.eps, ctx.h_shape = scale, cosine, eps, h.shape
         return unviewed(out, h.shape)
 
     @staticmethod
     def backward(ctx, g):
-        h2, t, M, V, P, n = ctx.saved_tensors
+        h2, t, M, t_norm, V, P, n = ctx.saved_tensors
         scale, cosine, needs = ctx.scale, ctx.cosine, ctx.needs_input_grad
         r = M.shape[0] - 1
         g2 = rows(g)
         a, c = P[:, :r], P[:, r]
-        q, denom, t_norm = score(c, n, t, cosine, ctx.eps)
+        q, denom = score(c, n, t_norm, cosine, ctx.eps)
         s = q.clamp(0.0, 1.0)
         gz = project(g2, V).mul_(scale)  # scale · g Vᵀ [N, r]
         grad_V = mm_t((a * s.unsqueeze(-1)).T, g2.T).mul_(scale) if needs[3] else None
@@ -555,4 +578,4 @@ class TaskFilterFunction(torch.autograd.Function):
                 grad_t = hP[r]
                 if cosine:  # through |t|: -Σ gq q t / |t|²
                     grad_t = grad_t - t * (gqq.sum() / (t_norm * t_norm).clamp_min(tiny))
-        return grad_h, grad_t, grad_U, grad_V, None, None, None
+        return grad_h, grad_t, grad_U, grad_V, None, None, None, None, None

@@ -15,7 +15,7 @@ from loratrf.config import DEFAULT_ADAPTER, Init, LoRASpec, dtype_name
 from loratrf.lora_layer import LoRAAdapter, LoRALayer, merged_output
 
 if TYPE_CHECKING:
-    from loratrf.weight_cache import EffectiveWeight
+    from loratrf.versioned import Derived
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -48,7 +48,7 @@ class LoRALinear(LoRALayer):
     """
 
     bias: nn.Parameter | None
-    weight_cache: EffectiveWeight | None = None  # set inside `loratrf.cache_effective_weights`
+    weight_cache: Derived[Tensor] | None = None  # set inside `loratrf.cache_effective_weights`
 
     def __init__(
         self,

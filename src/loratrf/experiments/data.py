@@ -137,6 +137,38 @@ TASKS: dict[str, Task] = {
     "gsm_symbolic": Task(
         "gsm_symbolic", ("gsm_symbolic",), "reasoning-gym gsm_symbolic: GSM8K's templates with new numbers", "problems"
     ),
+    "durations": Task(
+        "durations",
+        ("durations",),
+        "reasoning-gym time_intervals: how long from one time of day to a later one, in HH:MM",
+        "problems",
+    ),
+    "durations-hms": Task(
+        "durations-hms",
+        ("durations-hms",),
+        "reasoning-gym time_intervals: how long from one time of day to a later one, in HH:MM:SS",
+        "problems",
+    ),
+    "durations-formats": Task(
+        "durations-formats",
+        ("durations-formats",),
+        "reasoning-gym time_intervals: how long from one time of day to a later one, in HH:MM, HH:MM:SS or "
+        "HH:MM:SS.mmm as asked",
+        "problems",
+    ),
+    "time_intervals": Task(
+        "time_intervals",
+        ("time_intervals",),
+        "reasoning-gym time_intervals, its defaults: how long between two times (to the minute, second or "
+        "millisecond), dates or datetimes (some with time zones), in the format asked",
+        "problems",
+    ),
+    "syllogism": Task(
+        "syllogism",
+        ("syllogism",),
+        "reasoning-gym syllogism: does the conclusion follow from two premises (Yes or No, half each)",
+        "problems",
+    ),
 }
 
 

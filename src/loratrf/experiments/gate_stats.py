@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import loratrf
+from loratrf.experiments.problems import PROBLEMS
 from loratrf.experiments.training import Encoded, pad
 
 PROBE_SENTENCES = 256
@@ -148,9 +149,14 @@ def first_gate_run(runs: Sequence[Mapping], method: str) -> Mapping | None:
     return min(found, key=lambda r: r["seed"]) if found else None
 
 
+def unit(gates: Mapping) -> str:
+    """What the gates were measured on: "problem" (an LLM task's) or "sentence"."""
+    return "problem" if gates["source"] in PROBLEMS else "sentence"
+
+
 def summary_line(gates: Mapping) -> str:
     """Where the gates were measured, and their per-layer ranges at the start and after training."""
-    line = f"on {gates['sentences']} {gates['source']} test sentences (real tokens only): "
+    line = f"on {gates['sentences']} {gates['source']} test {unit(gates)}s (real tokens only): "
     line += f"at the start {ranges(gates, 'start')}"
     if "trained" in gates:
         line += f"; after training {ranges(gates, 'trained')}"
@@ -168,13 +174,15 @@ def gate_lines(
         if run is None:
             continue
         gates = run["gates"]
-        classes = " / ".join(gates.get("classes") or []) or "class"
+        each = unit(gates)
+        classes = gates.get("classes")
+        by_class = f"; s by class: the mean s of the tokens of {' / '.join(classes)} {each}s" if classes else ""
         lines += [
             f"#### gates: {run['title']}",
             "",
             (
-                f"Seed {run['seed']}, {summary_line(gates)}. Spread: the std of s across a sentence's tokens, "
-                f"averaged over sentences; s by class: the mean s of the tokens of {classes} sentences."
+                f"Seed {run['seed']}, {summary_line(gates)}. Spread: the std of s across a {each}'s tokens, "
+                f"averaged over {each}s{by_class}."
             ),
             "",
             *gate_table(gates),

@@ -56,8 +56,10 @@ PROBLEMS: dict[str, ProblemSet] = {
     ),
     # Candidates of the LLM studies (docs/results-llm.md says which were chosen and why): word
     # problems of counting and adding (which animal has how many legs; "Alice in Wonderland":
-    # how many sisters does Alice's brother have), a family-relation question answered in one
-    # word, and GSM8K's templates with new numbers.
+    # how many sisters does Alice's brother have; how long a meeting from 09:06 to 16:19 was, or
+    # from 09:06:41 to 16:19:02, or between two dates), a family-relation question answered in
+    # one word, GSM8K's templates with new numbers, and whether a syllogism's conclusion follows
+    # (half do not).
     "legs": ProblemSet(
         "leg_counting",
         {"min_animals": 1, "max_animals": 2, "min_instances": 1, "max_instances": 5},
@@ -73,6 +75,24 @@ PROBLEMS: dict[str, ProblemSet] = {
     "aiw": ProblemSet("aiw", {}, max_new_tokens=8, system="Give only the final answer."),
     "family": ProblemSet("family_relationships", {}, max_new_tokens=8, system="Give only the final answer."),
     "gsm_symbolic": ProblemSet("gsm_symbolic", {}, max_new_tokens=8, system="Give only the final answer."),
+    "durations": ProblemSet(
+        "time_intervals", {"task_types": ("time",)}, max_new_tokens=8, system="Give only the final answer."
+    ),
+    "durations-hms": ProblemSet(  # HH:MM:SS: 8 characters, one token each, then the end token
+        "time_intervals", {"task_types": ("time_seconds",)}, max_new_tokens=12, system="Give only the final answer."
+    ),
+    "durations-formats": ProblemSet(  # HH:MM, HH:MM:SS or HH:MM:SS.mmm, as the question asks
+        "time_intervals",
+        {"task_types": ("time", "time_seconds", "time_ms")},
+        max_new_tokens=16,
+        system="Give only the final answer.",
+    ),
+    "time_intervals": ProblemSet(  # its defaults: times, with seconds or milliseconds, dates, datetimes
+        "time_intervals", {}, max_new_tokens=24, system="Give only the final answer."
+    ),
+    "syllogism": ProblemSet(
+        "syllogism", {"invalid_ratio": 0.5}, max_new_tokens=8, system="Give only the final answer."
+    ),
 }
 
 

@@ -61,7 +61,19 @@ LLM_RANKS = (4, 8, 16, 32)
 # that joins it is still to be found (docs/results-llm.md).
 LLM_TASKS = ("arithmetic",)
 # and the candidates that study measured: zero-shot, and LoRA at its default rate
-LLM_CANDIDATES = ("legs", "legs-hard", "family", "arithmetic", "aiw", "gsm_symbolic")
+LLM_CANDIDATES = (
+    "legs",
+    "legs-hard",
+    "family",
+    "arithmetic",
+    "aiw",
+    "gsm_symbolic",
+    "durations",
+    "durations-hms",
+    "durations-formats",
+    "time_intervals",
+    "syllogism",
+)
 
 
 @dataclasses.dataclass(frozen=True)
