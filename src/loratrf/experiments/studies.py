@@ -56,10 +56,10 @@ LLM_DORA = "dora:q,k,v,f1,f2:r32"
 LLM_LORA_OFF = "lora:o,f1,f2:r32"  # LoRATRF's LoRA without its filters: what the filters add
 LLM_RANKS = (4, 8, 16, 32)
 # The problem tasks of the LLM studies, chosen by measurement (the `llm-tasks` study,
-# docs/results-llm.md): the first also takes the rank, module and filter-start studies. Of the
-# candidates measured so far only arithmetic lands LoRA between 20% and 80%; the word problem
-# that joins it is still to be found (docs/results-llm.md).
-LLM_TASKS = ("arithmetic",)
+# docs/results-llm.md): the two candidates on which LoRA lands between 20% and 80%, arithmetic
+# and a word problem (durations of times of day); the first also takes the rank, module,
+# filter-start and PEFT studies.
+LLM_TASKS = ("arithmetic", "durations-formats")
 # and the candidates that study measured: zero-shot, and LoRA at its default rate
 LLM_CANDIDATES = (
     "legs",
