@@ -151,32 +151,23 @@ def test_cached_generation_equals_uncached_with_filters_and_adapters():
     assert cached == uncached
 
 
-def greedy_tokens(forward, config, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Greedy decoding with a KV cache, one `forward` call per token (a model or its compiled twin)."""
-    cache = transformers.DynamicCache(config=config)
-    out, tokens = ids, []
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            logits = forward(input_ids=out, cache=cache, use_cache=True, logits_to_keep=1).logits
-            out = logits[:, -1].argmax(-1, keepdim=True)
-            tokens.append(out)
-    return torch.cat(tokens, dim=1)
-
-
 @pytest.mark.parametrize("merged", [False, True])
 def test_a_compiled_decode_step_generates_the_same_tokens(merged):
     """torch.compile of the decode step as users write it (`dynamic=True`: the cache grows every
     step): one graph with filters and adapters (fullgraph raises on a break), the same tokens.
-    aot_eager traces as inductor does without generating C++ (benchmarks/llm.py times inductor)."""
+    aot_eager traces as inductor does without generating C++. `greedy` is benchmarks/llm.py's
+    decoding loop, which times inductor."""
+    from llm import greedy  # benchmarks/ is on the path (conftest); imported here, after the hf extra's check
+
     model = adapted(4)
     if merged:
         loratrf.merge(model)
     ids = torch.tensor(random_rows(1, [6, 6]))
-    want = greedy_tokens(model, model.config, ids, 6)
+    want = greedy(model, ids, 6)
     torch._dynamo.reset()
     try:
         compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
-        assert torch.equal(greedy_tokens(compiled, model.config, ids, 6), want)
+        assert torch.equal(greedy(compiled, ids, 6), want)
     finally:
         torch._dynamo.reset()
 
